@@ -1,0 +1,45 @@
+#!/usr/bin/env bash
+# Installs everything the pipeline and the tests need. Safe to run again: each step checks
+# first and does nothing when its work is already there.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+SUDO=""
+if [ "$(id -u)" != 0 ]; then SUDO="sudo"; fi
+
+need_apt=()
+command -v ffmpeg >/dev/null && command -v ffprobe >/dev/null || need_apt+=(ffmpeg)
+command -v espeak-ng >/dev/null || need_apt+=(espeak-ng)
+command -v sox >/dev/null || need_apt+=(sox)
+command -v chromium >/dev/null || need_apt+=(chromium)
+if [ ${#need_apt[@]} -gt 0 ]; then
+  echo "setup: apt-get install ${need_apt[*]}"
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${need_apt[@]}" >/dev/null
+fi
+
+PY=${PYTHON:-python3}
+if [ ! -x .venv/bin/python ]; then
+  echo "setup: creating .venv"
+  "$PY" -m venv .venv
+fi
+PIP=(.venv/bin/python -m pip --disable-pip-version-check -q)
+
+stamp=.venv/.speech2face-setup
+want="$(cat pyproject.toml scripts/setup.sh | sha256sum | cut -c1-16)"
+if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
+  echo "setup: .venv up to date"
+  exit 0
+fi
+
+# setuptools<81: face_recognition_models imports pkg_resources.
+"${PIP[@]}" install --upgrade pip "setuptools<81" wheel
+# torch==2.13.0 is a CPU build on this machine's disk; anything unpinned pulls CUDA (GBs).
+"${PIP[@]}" install torch==2.13.0
+# dlib-bin is a prebuilt dlib (building dlib takes ~8 min); face_recognition would pull the
+# source dlib, so it goes in without deps.
+"${PIP[@]}" install dlib-bin face_recognition_models
+"${PIP[@]}" install --no-deps face_recognition==1.3.0
+"${PIP[@]}" install -e ".[test]"
+echo "$want" > "$stamp"
+echo "setup: done"

@@ -1,0 +1,473 @@
+"""Download stage library: AVSpeech rows -> one clip per segment, fetched with yt-dlp.
+
+Each CSV row names a video (``youtube_id``) and a segment ``[start, end]``. The URL comes from
+a template (``{id}``, ``{root}``). Two ways to get exactly the segment:
+
+- http(s) (YouTube, any server): yt-dlp's section download (``download_ranges`` +
+  ``force_keyframes_at_cuts``): ffmpeg reads only the part it needs and re-encodes, so the cut
+  is exact rather than snapped to the previous keyframe.
+- ``file://`` (the embedded sample): yt-dlp only does full downloads of file URLs, so the whole
+  file is fetched to a temp folder and cut by ffmpeg here. The clip is always written as MP4
+  with H.264 + AAC: any input ffmpeg reads (FLV/VP6/MP3 included) converts to it, every later
+  stage and player decodes it, and it is what yt-dlp's section download produces for the
+  default (mp4) format, so both paths give the same kind of file.
+
+Every row ends as one manifest row (ok / failed / skipped + reason). Transient errors
+(connection reset, timeouts, HTTP 5xx/408/429, a clip cut short by a dropped connection) are
+retried with exponential backoff; permanent ones (404, unsupported URL, segment outside the
+video) are not. A finished clip only appears by an atomic rename out of a ``.tmp-*`` work
+folder, so an interrupted run leaves no half-written clip, and a rerun reuses what is there.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import tempfile
+import threading
+import urllib.error
+from concurrent.futures import ThreadPoolExecutor, as_completed
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote
+
+import ffmpeg
+import pandas as pd
+import yt_dlp
+from yt_dlp.networking.exceptions import CertificateVerifyError, HTTPError, TransportError
+from yt_dlp.utils import ContentTooShortError, UnsupportedError, download_range_func
+
+from .avspeech import BadRow, ClipRow, read_csv
+from .fsutil import remove_stale_temps
+from .media import MediaError, probe
+from .reporting import StageSummary, progress
+from .tables import FAILED, OK, SKIPPED, write_table
+
+# H.264/AAC in MP4 where the site offers it (no slow VP9 re-encode at the cuts), at most 720p
+# (faces are cropped to 224 px later), else whatever single file the site has.
+DEFAULT_FORMAT = "bv*[ext=mp4][height<=720]+ba[ext=m4a]/b[ext=mp4][height<=720]/b"
+
+# A saved clip may differ from end - start by this much (frame and audio-packet rounding).
+CUT_TOLERANCE = 0.2
+# A segment may end this far past the video's end (AVSpeech rounds its times) and still count
+# as inside; smaller than CUT_TOLERANCE so such a clip still passes the length check.
+END_TOLERANCE = 0.1
+
+MANIFEST_COLUMNS = ["line", "youtube_id", "start", "end", "x", "y", "clip_id", "url", "status",
+                    "reason", "duration", "path", "attempts"]
+
+
+@dataclass(frozen=True)
+class DownloadConfig:
+    out_dir: Path
+    allow_file_urls: bool
+    retries: int               # extra attempts after a transient failure
+    backoff_seconds: float     # delay before the first retry, doubled for each next one
+    timeout_seconds: float     # socket / ffmpeg read timeout per request
+    min_seconds: float
+    format_selector: str = DEFAULT_FORMAT
+
+
+class DownloadFailure(Exception):
+    """One attempt failed. ``code`` is the manifest's reason code, ``transient`` says retry."""
+
+    def __init__(self, code: str, message: str = "", transient: bool = False):
+        super().__init__(f"{code}: {message}" if message else code)
+        self.code = code
+        self.message = message
+        self.transient = transient
+
+    @property
+    def reason(self) -> str:
+        return str(self)
+
+
+@dataclass(frozen=True)
+class Outcome:
+    status: str
+    reason: str = ""
+    duration: float | None = None
+    path: Path | None = None
+    attempts: int = 0
+
+
+# --------------------------------------------------------------------------- URLs and errors
+
+def build_url(template: str, youtube_id: str, root: str | Path) -> str:
+    """``{id}`` and ``{root}`` filled in by plain replacement (other braces stay literal).
+
+    Only called with ids that passed ``is_safe_id``, so an id cannot change the URL's shape.
+    """
+    return template.replace("{root}", quote(Path(root).resolve().as_posix())).replace("{id}", youtube_id)
+
+
+def is_file_url(url: str) -> bool:
+    return url.lower().startswith("file:")
+
+
+def short_message(text: str, limit: int = 160) -> str:
+    """yt-dlp's error line without its 'ERROR: [extractor] id:' prefix and '(caused by ...)' tail."""
+    text = re.sub(r"^ERROR:\s*", "", text.strip())
+    text = re.sub(r"^\[[^\]]+\]\s*(?:[\w-]+:\s+)?", "", text)
+    text = re.sub(r"\s*\(caused by .*$", "", text, flags=re.S)
+    text = " ".join(text.split())
+    return text[:limit]
+
+
+def _exception_chain(error: BaseException) -> list[BaseException]:
+    """The error and everything behind it: yt-dlp keeps causes in ``exc_info`` and ``cause``."""
+    seen: set[int] = set()
+    chain: list[BaseException] = []
+    todo: list[Any] = [error]
+    while todo:
+        exc = todo.pop(0)
+        if not isinstance(exc, BaseException) or id(exc) in seen:
+            continue
+        seen.add(id(exc))
+        chain.append(exc)
+        exc_info = getattr(exc, "exc_info", None)
+        if isinstance(exc_info, tuple) and len(exc_info) == 3:
+            todo.append(exc_info[1])
+        todo.extend([getattr(exc, "cause", None), exc.__cause__, exc.__context__])
+    return chain
+
+
+def classify_error(error: BaseException) -> DownloadFailure:
+    """Map a yt-dlp exception to a manifest code and whether a retry can help."""
+    chain = _exception_chain(error)
+    message = short_message(str(error))
+    for exc in chain:
+        status = None
+        if isinstance(exc, HTTPError):
+            status = exc.status
+        elif isinstance(exc, urllib.error.HTTPError):
+            status = exc.code
+        if status is not None:
+            return DownloadFailure(f"http_{status}", message, status >= 500 or status in (408, 429))
+    for exc in chain:
+        if isinstance(exc, (FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError)):
+            return DownloadFailure("not_found", message)
+        if isinstance(exc, UnsupportedError):
+            return DownloadFailure("unsupported_url", message)
+        if isinstance(exc, CertificateVerifyError):
+            return DownloadFailure("ssl_error", message)
+    for exc in chain:
+        if isinstance(exc, (TransportError, ContentTooShortError, TimeoutError, ConnectionError)):
+            return DownloadFailure("network_error", message, transient=True)
+    if re.search(r"\bffmpeg exited with code", message):
+        # yt-dlp hides ffmpeg's own message; after the URL answered, what makes ffmpeg fail
+        # is mostly the network (reset, read timeout), so it is worth another attempt.
+        return DownloadFailure("ffmpeg_failed", message, transient=True)
+    if "not a valid URL" in message or "Unsupported URL" in message:
+        return DownloadFailure("unsupported_url", message)
+    return DownloadFailure("download_error", message)
+
+
+# --------------------------------------------------------------------------- one attempt
+
+class _QuietLogger:
+    """yt-dlp talks to this instead of the console; its errors come back as exceptions."""
+
+    def debug(self, msg: str) -> None:
+        pass
+
+    info = warning = error = debug
+
+
+def _ydl_options(work_dir: Path, cfg: DownloadConfig) -> dict[str, Any]:
+    return {
+        "quiet": True, "no_warnings": True, "noprogress": True, "logger": _QuietLogger(),
+        "outtmpl": {"default": str(work_dir / "source.%(ext)s")},
+        "format": cfg.format_selector, "merge_output_format": "mp4",
+        "socket_timeout": cfg.timeout_seconds,
+        # this module does the retrying (with backoff, and only for transient errors)
+        "retries": 0, "fragment_retries": 0, "extractor_retries": 0, "file_access_retries": 0,
+        "noplaylist": True, "cachedir": False, "overwrites": True,
+    }
+
+
+def _check_inside(start: float, end: float, video_seconds: float) -> None:
+    if end > video_seconds + END_TOLERANCE:
+        raise DownloadFailure("segment_outside_video",
+                              f"segment {start:.2f}-{end:.2f} s, video is {video_seconds:.2f} s")
+
+
+def _downloaded_file(info: dict, work_dir: Path) -> Path:
+    for item in info.get("requested_downloads") or []:
+        path = item.get("filepath")
+        if path and Path(path).is_file():
+            return Path(path)
+    found = [p for p in work_dir.iterdir() if p.is_file() and not p.name.endswith((".part", ".ytdl"))]
+    if len(found) == 1:
+        return found[0]
+    raise DownloadFailure("no_file", "yt-dlp reported success but wrote no single file")
+
+
+def _media_url(info: dict) -> str | None:
+    formats = info.get("requested_formats") or [info]
+    url = formats[0].get("url")
+    return url if isinstance(url, str) and re.match(r"https?://", url) else None
+
+
+def _remote_duration(url: str | None, timeout_seconds: float) -> float | None:
+    """The video's length read by ffprobe over HTTP, or None if that fails too."""
+    if url is None:
+        return None
+    try:
+        info = ffmpeg.probe(url, rw_timeout=int(timeout_seconds * 1e6))
+        return float(info["format"]["duration"])
+    except (ffmpeg.Error, KeyError, ValueError, TypeError):
+        return None
+
+
+def _clip_seconds(path: Path) -> float:
+    try:
+        return probe(path).duration
+    except MediaError:
+        return 0.0
+
+
+def _fetch_section(url: str, row: ClipRow, work_dir: Path, cfg: DownloadConfig) -> Path:
+    """http(s): yt-dlp downloads just [start, end] and re-encodes at the cuts."""
+    opts = _ydl_options(work_dir, cfg)
+    opts.update({
+        "download_ranges": download_range_func(None, [(row.start, row.end)]),
+        "force_keyframes_at_cuts": True,
+        # ffmpeg does the section's HTTP reads; without this it waits forever on a stalled server
+        "external_downloader_args": {"ffmpeg_i": ["-rw_timeout", str(int(cfg.timeout_seconds * 1e6))]},
+    })
+    with yt_dlp.YoutubeDL(opts) as ydl:
+        try:
+            info = ydl.extract_info(url, download=False)
+        except Exception as error:  # noqa: BLE001 - every yt-dlp failure becomes a reason
+            raise classify_error(error) from None
+        if info is None or info.get("_type") in ("playlist", "multi_video"):
+            raise DownloadFailure("not_a_video", "the URL is not a single video")
+        known_seconds = info.get("duration")
+        if known_seconds:  # YouTube says how long the video is: no download for a bad segment
+            _check_inside(row.start, row.end, float(known_seconds))
+        try:
+            info = ydl.process_ie_result(info, download=True)
+        except Exception as error:  # noqa: BLE001
+            failure = classify_error(error)
+            if failure.transient and not known_seconds:
+                # ffmpeg also fails on a start past the end: find out before retrying in vain
+                seconds = _remote_duration(_media_url(info), cfg.timeout_seconds)
+                if seconds is not None:
+                    _check_inside(row.start, row.end, seconds)
+            raise failure from None
+    clip = _downloaded_file(info, work_dir)
+    seconds = _clip_seconds(clip)
+    if seconds < row.duration - CUT_TOLERANCE:
+        # A dropped connection makes ffmpeg end the clip early *with success*: only a segment
+        # past the video's end is a permanent reason for a short clip.
+        video_seconds = known_seconds or _remote_duration(_media_url(info), cfg.timeout_seconds)
+        if video_seconds:
+            _check_inside(row.start, row.end, float(video_seconds))
+        raise DownloadFailure("incomplete_clip", f"got {seconds:.2f} s of {row.duration:.2f} s",
+                              transient=True)
+    return clip
+
+
+def cut_segment(source: Path, start: float, end: float, out: Path, timeout: float = 600) -> None:
+    """Exact cut by re-encoding to MP4 (H.264 + AAC); raises DownloadFailure on an ffmpeg error."""
+    cmd = [
+        "ffmpeg", "-nostdin", "-hide_banner", "-loglevel", "error", "-y",
+        "-ss", f"{start:.3f}", "-i", str(source), "-t", f"{end - start:.3f}",
+        "-map", "0:v:0?", "-map", "0:a:0?", "-sn", "-dn",
+        # 4:2:0 H.264 needs even sizes; most players need yuv420p
+        "-vf", "scale=trunc(iw/2)*2:trunc(ih/2)*2", "-c:v", "libx264", "-preset", "veryfast",
+        "-crf", "18", "-pix_fmt", "yuv420p",
+        "-c:a", "aac", "-b:a", "128k",
+        "-movflags", "+faststart", "-f", "mp4", str(out),
+    ]
+    try:
+        result = subprocess.run(cmd, stdin=subprocess.DEVNULL, capture_output=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        raise DownloadFailure("cut_failed", f"ffmpeg took over {timeout:.0f} s") from None
+    if result.returncode != 0 or not out.is_file():
+        lines = result.stderr.decode("utf-8", "replace").strip().splitlines()
+        raise DownloadFailure("cut_failed", lines[-1][:160] if lines else f"ffmpeg exit {result.returncode}")
+
+
+def _fetch_file(url: str, row: ClipRow, work_dir: Path, cfg: DownloadConfig) -> Path:
+    """file://: yt-dlp copies the whole file (no sections for file URLs), ffmpeg cuts it here."""
+    opts = _ydl_options(work_dir, cfg)
+    opts["enable_file_urls"] = True
+    with yt_dlp.YoutubeDL(opts) as ydl:
+        try:
+            info = ydl.extract_info(url, download=True)
+        except Exception as error:  # noqa: BLE001
+            raise classify_error(error) from None
+    source = _downloaded_file(info or {}, work_dir)
+    try:
+        video_seconds = probe(source).duration
+    except MediaError as error:
+        raise DownloadFailure("undecodable", error.detail or error.reason) from None
+    _check_inside(row.start, row.end, video_seconds)
+    clip = work_dir / "clip.mp4"
+    cut_segment(source, row.start, row.end, clip)
+    source.unlink()  # the full video is not needed any more; free the space early
+    return clip
+
+
+def fetch_once(url: str, row: ClipRow, work_dir: Path, cfg: DownloadConfig) -> tuple[Path, float]:
+    """One attempt: the clip file inside ``work_dir`` and its measured length (ffprobe)."""
+    fetch = _fetch_file if is_file_url(url) else _fetch_section
+    clip = fetch(url, row, work_dir, cfg)
+    seconds = _clip_seconds(clip)
+    if abs(seconds - row.duration) > CUT_TOLERANCE:  # short http clips were sorted out above
+        raise DownloadFailure("cut_mismatch", f"clip is {seconds:.2f} s, segment is {row.duration:.2f} s")
+    if seconds < cfg.min_seconds:
+        raise DownloadFailure("too_short", f"clip is {seconds:.2f} s, min_seconds is {cfg.min_seconds:g}")
+    return clip, seconds
+
+
+# --------------------------------------------------------------------------- one row
+
+def finished_clip(out_dir: Path, clip_id: str) -> Path | None:
+    """A clip saved by an earlier run (only complete clips ever get a final name)."""
+    for path in sorted(out_dir.glob(f"{clip_id}.*")):
+        if path.is_file() and not path.name.startswith("."):
+            return path
+    return None
+
+
+def download_clip(row: ClipRow, url: str, cfg: DownloadConfig, stop: threading.Event | None = None) -> Outcome:
+    """Fetch one segment with retries; never raises for a bad row or a network failure.
+
+    ``stop`` (set on Ctrl-C) ends the retrying early instead of starting another attempt.
+    """
+    stop = stop or threading.Event()
+    if row.duration < cfg.min_seconds:
+        return Outcome(FAILED, f"too_short: segment is {row.duration:.2f} s, min_seconds is {cfg.min_seconds:g}")
+    if is_file_url(url) and not cfg.allow_file_urls:
+        return Outcome(FAILED, "file_urls_disabled: set download.allow_file_urls to use file:// URLs")
+    attempts = 0
+    while not stop.is_set():
+        attempts += 1
+        work_dir = Path(tempfile.mkdtemp(prefix=f".tmp-{row.clip_id}-", dir=cfg.out_dir))
+        try:
+            clip, seconds = fetch_once(url, row, work_dir, cfg)
+            final = cfg.out_dir / f"{row.clip_id}{clip.suffix}"
+            os.replace(clip, final)  # the only way a clip gets its final name
+            return Outcome(OK, "", seconds, final, attempts)
+        except DownloadFailure as failure:
+            if not failure.transient or attempts > cfg.retries:
+                reason = failure.reason
+                if failure.transient:
+                    reason += f" (after {attempts} attempts)"
+                return Outcome(FAILED, reason, attempts=attempts)
+        except Exception as error:  # noqa: BLE001 - one odd row must not stop the stage
+            return Outcome(FAILED, f"internal_error: {type(error).__name__}: {short_message(str(error))}",
+                           attempts=attempts)
+        finally:
+            shutil.rmtree(work_dir, ignore_errors=True)
+        stop.wait(cfg.backoff_seconds * 2 ** (attempts - 1))
+    return Outcome(FAILED, "interrupted", attempts=attempts)
+
+
+def reuse_clip(row: ClipRow, cfg: DownloadConfig) -> Outcome | None:
+    """An earlier run's clip if it is there and still the right length (else it is removed)."""
+    path = finished_clip(cfg.out_dir, row.clip_id)
+    if path is None:
+        return None
+    seconds = _clip_seconds(path)
+    if abs(seconds - row.duration) <= CUT_TOLERANCE and seconds >= cfg.min_seconds:
+        return Outcome(OK, "reused", seconds, path, 0)
+    path.unlink()
+    return None
+
+
+# --------------------------------------------------------------------------- the stage
+
+def _row_record(row: ClipRow | BadRow, url: str = "", outcome: Outcome | None = None) -> dict[str, Any]:
+    if isinstance(row, BadRow):
+        return {"line": row.line, "youtube_id": row.youtube_id, "start": None, "end": None, "x": None,
+                "y": None, "clip_id": "", "url": "", "status": SKIPPED, "reason": row.reason,
+                "duration": None, "path": "", "attempts": 0}
+    outcome = outcome or Outcome(SKIPPED)
+    return {"line": row.line, "youtube_id": row.youtube_id, "start": row.start, "end": row.end,
+            "x": row.x, "y": row.y, "clip_id": row.clip_id, "url": url, "status": outcome.status,
+            "reason": outcome.reason,
+            "duration": round(outcome.duration, 3) if outcome.duration is not None else None,
+            "path": str(outcome.path) if outcome.path is not None else "", "attempts": outcome.attempts}
+
+
+def _reason_code(reason: str) -> str:
+    return reason.split(":", 1)[0].strip() or "unknown"
+
+
+def remove_unlisted_clips(out_dir: Path, clip_ids: set[str]) -> int:
+    """Clips of rows no longer in the CSV selection (e.g. a smaller ``limit``): data/clips
+    holds exactly the manifest's clips, so DVC tracks what the params say."""
+    removed = 0
+    for path in out_dir.iterdir():
+        if path.is_file() and not path.name.startswith(".") and path.stem not in clip_ids:
+            path.unlink()
+            removed += 1
+    return removed
+
+
+def run_download(csv_path: str | Path, out_dir: str | Path, manifest_path: str | Path, url_template: str,
+                 root: str | Path, allow_file_urls: bool, limit: int | None, workers: int, retries: int,
+                 backoff_seconds: float, timeout_seconds: float, min_seconds: float,
+                 format_selector: str = DEFAULT_FORMAT) -> pd.DataFrame:
+    """Download every row's segment; returns (and writes) the manifest, one row per CSV row."""
+    summary = StageSummary("download")
+    out_dir, manifest_path = Path(out_dir), Path(manifest_path)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    remove_stale_temps(out_dir)  # work folders of a killed run
+    for stale in manifest_path.parent.glob(f".tmp-{manifest_path.stem}-*"):
+        stale.unlink(missing_ok=True)
+    cfg = DownloadConfig(out_dir, allow_file_urls, retries, backoff_seconds, timeout_seconds,
+                         min_seconds, format_selector)
+
+    rows = read_csv(csv_path, limit=limit)
+    records: list[dict[str, Any] | None] = [None] * len(rows)
+    first_line: dict[str, int] = {}
+    todo: list[tuple[int, ClipRow, str]] = []
+    for i, row in enumerate(rows):
+        if isinstance(row, BadRow):
+            records[i] = _row_record(row)
+        elif row.clip_id in first_line:
+            records[i] = _row_record(row, outcome=Outcome(
+                SKIPPED, f"duplicate_segment: same segment as line {first_line[row.clip_id]}"))
+        else:
+            first_line[row.clip_id] = row.line
+            todo.append((i, row, build_url(url_template, row.youtube_id, root)))
+    remove_unlisted_clips(out_dir, set(first_line))
+
+    stop = threading.Event()
+
+    def one(row: ClipRow, url: str) -> Outcome:
+        return reuse_clip(row, cfg) or download_clip(row, url, cfg, stop)
+
+    with ThreadPoolExecutor(max_workers=workers) as pool, \
+            progress(None, "download", total=len(todo)) as bar:
+        futures = {pool.submit(one, row, url): (i, row, url) for i, row, url in todo}
+        try:
+            for future in as_completed(futures):
+                i, row, url = futures[future]
+                records[i] = _row_record(row, url, future.result())
+                bar.update(1)
+        except BaseException:  # Ctrl-C: no queued download starts, no retry follows
+            stop.set()
+            for future in futures:
+                future.cancel()
+            raise
+
+    manifest = pd.DataFrame([r for r in records if r is not None], columns=MANIFEST_COLUMNS)
+    for status, reason in zip(manifest["status"], manifest["reason"]):
+        if status == OK and reason == "reused":
+            summary.reuse()
+        elif status == OK:
+            summary.ok()
+        else:
+            summary.skip(_reason_code(reason))
+    write_table(manifest, manifest_path)
+    summary.print()
+    return manifest

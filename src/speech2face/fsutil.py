@@ -1,0 +1,54 @@
+"""Small filesystem helpers: atomic writes and safe names."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import tempfile
+from pathlib import Path
+from typing import Iterator
+
+# Ids become file names: letters, digits, '-' and '_' only (YouTube ids use exactly these),
+# so no id can climb out of its folder ('..', '/'), hide ('.x') or mean anything to a shell.
+_SAFE_ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+
+
+def is_safe_id(value: str) -> bool:
+    return bool(_SAFE_ID.match(value)) and not value.startswith("-")
+
+
+@contextlib.contextmanager
+def atomic_path(final: str | Path, suffix: str | None = None) -> Iterator[Path]:
+    """Yield a temp path beside ``final``; rename it onto ``final`` only if the block succeeds.
+
+    An interrupted run leaves at most a ``.tmp-*`` file, never a half-written ``final``.
+    """
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    suffix = suffix if suffix is not None else final.suffix
+    fd, tmp = tempfile.mkstemp(prefix=f".tmp-{final.stem}-", suffix=suffix, dir=final.parent)
+    os.close(fd)
+    tmp_path = Path(tmp)
+    try:
+        yield tmp_path
+        os.replace(tmp_path, final)
+    finally:
+        if tmp_path.exists():
+            tmp_path.unlink()
+
+
+def remove_stale_temps(folder: str | Path) -> int:
+    """Delete leftovers of interrupted atomic writes; returns how many."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return 0
+    stale = list(folder.glob(".tmp-*"))
+    for path in stale:
+        if path.is_dir():
+            import shutil
+
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
+    return len(stale)

@@ -1,0 +1,80 @@
+"""Voice/face training pairs: a clip's spectrogram joined with its face feature.
+
+Joins the spectrogram stage's index with the face stage's index on ``clip_id``; only clips
+that both stages could use take part. Spectrograms stay memory-mapped on disk; face
+features (small) are held in memory.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+from .spectrograms import open_spectrograms
+from .tables import OK, read_table
+
+
+@dataclass
+class Pairs:
+    table: pd.DataFrame                 # clip_id, identity, split, spec_shard, spec_row, ...
+    spectrograms: dict[str, np.ndarray]  # shard -> memory-mapped (n, frames, freq, 2)
+    features: np.ndarray                # (n_pairs, dim) float32, aligned with table rows
+
+    def __len__(self) -> int:
+        return len(self.table)
+
+    @property
+    def feature_dim(self) -> int:
+        return int(self.features.shape[1])
+
+    def spectrogram(self, i: int) -> np.ndarray:
+        row = self.table.iloc[i]
+        return self.spectrograms[row["spec_shard"]][int(row["spec_row"])]
+
+    def subset(self, split: str) -> "Pairs":
+        keep = np.flatnonzero(self.table["split"].to_numpy() == split)
+        return Pairs(self.table.iloc[keep].reset_index(drop=True), self.spectrograms, self.features[keep])
+
+
+def load_face_features(faces_dir: Path) -> tuple[pd.DataFrame, np.ndarray]:
+    """(ok rows of the face index, their features in the same order)."""
+    index = read_table(faces_dir / "index.csv")
+    index = index[index["status"] == OK].reset_index(drop=True)
+    cache: dict[str, np.ndarray] = {}
+    rows = []
+    for shard, row in zip(index["shard"], index["row"]):
+        if shard not in cache:
+            cache[shard] = np.load(faces_dir / f"features-{shard.removeprefix('shard-')}.npy",
+                                   allow_pickle=False)
+        rows.append(cache[shard][int(row)])
+    dim = next(iter(cache.values())).shape[1] if cache else 0
+    return index, np.asarray(rows, dtype=np.float32).reshape(len(rows), dim)
+
+
+def load_pairs(spectrogram_dir: str | Path, faces_dir: str | Path) -> Pairs:
+    spec_index, arrays = open_spectrograms(spectrogram_dir)
+    spec_index = spec_index[spec_index["status"] == OK][["clip_id", "shard", "row"]]
+    spec_index = spec_index.rename(columns={"shard": "spec_shard", "row": "spec_row"})
+    face_index, features = load_face_features(Path(faces_dir))
+    face_index = face_index.assign(feature_index=np.arange(len(face_index)))
+    table = face_index[["clip_id", "identity", "split", "feature_index"]].merge(spec_index, on="clip_id")
+    table = table.sort_values("clip_id", kind="stable").reset_index(drop=True)
+    return Pairs(table, arrays, features[table["feature_index"].to_numpy()])
+
+
+class PairDataset(torch.utils.data.Dataset):
+    """(spectrogram float32 (frames, freq, 2), feature float32 (dim,)) per pair."""
+
+    def __init__(self, pairs: Pairs):
+        self.pairs = pairs
+
+    def __len__(self) -> int:
+        return len(self.pairs)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        spectrogram = np.asarray(self.pairs.spectrogram(i), dtype=np.float32)
+        return torch.from_numpy(spectrogram), torch.from_numpy(self.pairs.features[i])

@@ -1,0 +1,112 @@
+"""DVC stage: train the voice encoder on (spectrogram, face feature) pairs of the train split.
+
+    python stages/train_encoder.py                       # one process
+    torchrun --nproc_per_node 2 stages/train_encoder.py  # DDP; only rank 0 writes
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import sys
+from dataclasses import fields
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+
+import torch  # noqa: E402
+
+from speech2face import shards, tracking  # noqa: E402
+from speech2face.encoder_io import save_encoder  # noqa: E402
+from speech2face.losses import EncoderLoss  # noqa: E402
+from speech2face.pairs import load_pairs  # noqa: E402
+from speech2face.params import ParamsError, check, load_section  # noqa: E402
+from speech2face.training import (EncoderConfig, TrainingError, setup_distributed,  # noqa: E402
+                                  train_encoder)
+
+SECTION = "encoder"
+SPECTROGRAMS, FACES = Path("data/spectrograms"), Path("data/faces")
+CHECKPOINT_DIR = Path("data/checkpoints/encoder")
+MODEL, METRICS = Path("models/voice_encoder.pt"), Path("reports/train_encoder.json")
+
+
+def read_config(p: dict) -> EncoderConfig:
+    config = EncoderConfig()
+    for field in fields(EncoderConfig):
+        if field.name not in p:
+            continue
+        value = p[field.name]
+        kind = type(getattr(config, field.name))
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        check(ok and (kind is float or isinstance(value, int)), SECTION, field.name, value, f"a {kind.__name__}")
+        check(value >= 0, SECTION, field.name, value, "a value >= 0")
+        setattr(config, field.name, kind(value))
+    for name in ("epochs", "batch_size", "lr_decay_steps"):
+        check(getattr(config, name) >= 1, SECTION, name, getattr(config, name), "an integer >= 1")
+    for name in ("width", "lr", "eps", "temperature"):
+        check(getattr(config, name) > 0, SECTION, name, getattr(config, name), "a number > 0")
+    check(0 < config.beta1 < 1 and 0 < config.beta2 < 1, SECTION, "beta1", config.beta1, "in (0, 1)")
+    return config
+
+
+def data_fingerprint() -> str:
+    digest = hashlib.sha256()
+    for path in (SPECTROGRAMS / "index.csv", FACES / "index.csv"):
+        digest.update(path.read_bytes())
+    return digest.hexdigest()[:16]
+
+
+def run(config: EncoderConfig) -> list[dict]:
+    dist_info = setup_distributed()
+    pairs = load_pairs(SPECTROGRAMS, FACES)
+    # The checkpoint persists across runs for resume; it is only trusted for the same config
+    # and the same data.
+    checkpoint = CHECKPOINT_DIR / "last.pt"
+    if dist_info.is_main:
+        shards.reset_if_config_changed(CHECKPOINT_DIR, {**vars(config), "data": data_fingerprint()})
+    if dist_info.world_size > 1:
+        torch.distributed.barrier()
+    train, val = pairs.subset("train"), pairs.subset("val")
+    if len(train) == 0:
+        raise TrainingError("no training pairs: run the data stages first (dvc repro faces spectrogram)")
+    # The face decoder (f_dec term) and a face classifier (distillation term) are frozen heads
+    # that only exist for some set-ups; without them those terms are off (see README).
+    loss_fn = EncoderLoss(fdec_weight=config.fdec_weight, lambda1=config.lambda1, lambda2=config.lambda2,
+                          temperature=config.temperature, feature_l1_weight=config.feature_l1_weight)
+    if not dist_info.is_main:
+        model, history = train_encoder(config, train, val, checkpoint, loss_fn, dist_info=dist_info)
+        return history
+
+    import mlflow
+
+    with tracking.start_run("train_encoder", {SECTION: vars(config)}):
+        mlflow.log_params({"data.train_pairs": len(train), "data.val_pairs": len(val),
+                           "data.feature_dim": pairs.feature_dim})
+
+        def log_epoch(row: dict) -> None:
+            mlflow.log_metrics({k: v for k, v in row.items() if k not in ("epoch", "step")}, step=row["epoch"])
+
+        model, history = train_encoder(config, train, val, checkpoint, loss_fn, on_epoch=log_epoch,
+                                       dist_info=dist_info)
+        save_encoder(model, MODEL, width=config.width)
+        final = {"train_loss": history[-1]["train_loss"], "val_loss": history[-1]["val_loss"],
+                 "epochs": len(history), "train_pairs": len(train)}
+        METRICS.parent.mkdir(parents=True, exist_ok=True)
+        METRICS.write_text(json.dumps(final, indent=2) + "\n")
+        mlflow.log_metrics({f"final_{k}": v for k, v in final.items()})
+        mlflow.log_artifact(str(MODEL), artifact_path="model")
+        mlflow.log_artifact(str(MODEL.with_suffix(".json")), artifact_path="model")
+    print(f"train_encoder: {len(history)} epochs on {len(train)} pairs, final train_loss "
+          f"{final['train_loss']:.4f}, val_loss {final['val_loss']:.4f}", flush=True)
+    return history
+
+
+def main() -> None:
+    run(read_config(load_section(SECTION)))
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except (ParamsError, TrainingError) as error:
+        sys.exit(f"train_encoder: {error}")
