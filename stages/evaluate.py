@@ -63,6 +63,8 @@ def run(sampled_gallery_size: int, draws: int, seed: int, examples: int, spectro
     }
     REPORTS.mkdir(exist_ok=True)
     (REPORTS / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    (REPORTS / "summary.md").write_text(evaluation.summary_markdown(results, similarity, n_gallery, len(test),
+                                                                    len(train)))
     table = evaluation.recall_table(results, n_gallery)
     table.pivot(index="k", columns="model", values="recall").reset_index().to_csv(
         REPORTS / "recall_at_k.csv", index=False)
@@ -87,7 +89,7 @@ def run(sampled_gallery_size: int, draws: int, seed: int, examples: int, spectro
     with tracking.start_run("evaluate", {SECTION: {"sampled_gallery_size": sampled_gallery_size,
                                                    "draws": draws, "seed": seed}}):
         mlflow.log_metrics({k.replace("@", "_at_"): v for k, v in metrics.items() if not isinstance(v, dict)})
-        for name in ("metrics.json", "recall_at_k.csv", "recall_at_k.png", "retrieval_gallery.png"):
+        for name in ("metrics.json", "summary.md", "recall_at_k.csv", "recall_at_k.png", "retrieval_gallery.png"):
             mlflow.log_artifact(str(REPORTS / name))
     line = ", ".join(f"R@{k} {100 * v:.1f}% (ridge {100 * results['ridge']['cosine']['whole'][k]:.1f}%, "
                      f"chance {100 * retrieval.chance_recall(k, n_gallery):.1f}%)"

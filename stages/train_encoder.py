@@ -19,10 +19,11 @@ import torch  # noqa: E402
 from speech2face import shards, tracking  # noqa: E402
 from speech2face.encoder_io import save_encoder  # noqa: E402
 from speech2face.losses import EncoderLoss  # noqa: E402
+from speech2face.models import INPUT_MODES  # noqa: E402
 from speech2face.pairs import load_pairs  # noqa: E402
 from speech2face.params import ParamsError, check, load_section  # noqa: E402
-from speech2face.training import (EncoderConfig, TrainingError, setup_distributed,  # noqa: E402
-                                  train_encoder)
+from speech2face.training import (EncoderConfig, TrainingError, best_epoch,  # noqa: E402
+                                  setup_distributed, train_encoder)
 
 SECTION = "encoder"
 SPECTROGRAMS, FACES = Path("data/spectrograms"), Path("data/faces")
@@ -37,6 +38,10 @@ def read_config(p: dict) -> EncoderConfig:
             continue
         value = p[field.name]
         kind = type(getattr(config, field.name))
+        if kind is str:
+            check(value in INPUT_MODES, SECTION, field.name, value, f"one of {list(INPUT_MODES)}")
+            setattr(config, field.name, value)
+            continue
         ok = isinstance(value, (int, float)) and not isinstance(value, bool)
         check(ok and (kind is float or isinstance(value, int)), SECTION, field.name, value, f"a {kind.__name__}")
         check(value >= 0, SECTION, field.name, value, "a value >= 0")
@@ -89,15 +94,16 @@ def run(config: EncoderConfig) -> list[dict]:
         model, history = train_encoder(config, train, val, checkpoint, loss_fn, on_epoch=log_epoch,
                                        dist_info=dist_info)
         save_encoder(model, MODEL, width=config.width)
-        final = {"train_loss": history[-1]["train_loss"], "val_loss": history[-1]["val_loss"],
-                 "epochs": len(history), "train_pairs": len(train)}
+        chosen = history[best_epoch(history) - 1]
+        final = {"train_loss": chosen["train_loss"], "val_loss": chosen["val_loss"],
+                 "best_epoch": chosen["epoch"], "epochs": len(history), "train_pairs": len(train)}
         METRICS.parent.mkdir(parents=True, exist_ok=True)
         METRICS.write_text(json.dumps(final, indent=2) + "\n")
         mlflow.log_metrics({f"final_{k}": v for k, v in final.items()})
         mlflow.log_artifact(str(MODEL), artifact_path="model")
         mlflow.log_artifact(str(MODEL.with_suffix(".json")), artifact_path="model")
-    print(f"train_encoder: {len(history)} epochs on {len(train)} pairs, final train_loss "
-          f"{final['train_loss']:.4f}, val_loss {final['val_loss']:.4f}", flush=True)
+    print(f"train_encoder: {len(history)} epochs on {len(train)} pairs, kept epoch {final['best_epoch']} "
+          f"(train_loss {final['train_loss']:.4f}, val_loss {final['val_loss']:.4f})", flush=True)
     return history
 
 

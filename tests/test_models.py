@@ -40,3 +40,16 @@ def test_time_axis_is_averaged_not_flattened() -> None:
     with torch.no_grad():
         single, double = model(x), model(torch.cat([x, x], dim=1))
     assert torch.nn.functional.cosine_similarity(single, double).item() > 0.95
+
+
+def test_magnitude_input_mode_drops_one_input_channel() -> None:
+    complex_model = VoiceEncoder(out_dim=64, width=0.0625)
+    magnitude_model = VoiceEncoder(out_dim=64, width=0.0625, input_mode="magnitude")
+    first = magnitude_model.convs[0]
+    assert first.in_channels == 1
+    assert count_parameters(complex_model)[0] - count_parameters(magnitude_model)[0] == 4 * 4 * first.out_channels
+    x = torch.randn(1, 300, 257, 2)
+    flipped = x * torch.tensor([-1.0, 1.0])  # sign of the real part: same magnitude
+    magnitude_model.eval()
+    with torch.no_grad():
+        assert torch.allclose(magnitude_model(x), magnitude_model(flipped), atol=1e-5)

@@ -121,8 +121,9 @@ def test_mlflow_ui_shows_r_at_1_in_a_real_browser(project: Path, tmp_path: Path)
 
 
 def test_dvc_experiments_show_r_at_k_and_reach_mlflow(project: Path) -> None:
-    for seed in (1, 2):
-        run(["dvc", "exp", "run", "-n", f"seed{seed}", "-S", f"encoder.seed={seed}"], project)
+    # one in a temp copy (under .dvc/tmp/exps): its MLflow run must still reach the project store
+    run(["dvc", "exp", "run", "--temp", "-n", "seed1", "-S", "encoder.seed=1"], project)
+    run(["dvc", "exp", "run", "-n", "seed2", "-S", "encoder.seed=2"], project)
     shown = json.loads(run(["dvc", "exp", "show", "--json"], project).stdout)
     found = {}
     for baseline in shown:

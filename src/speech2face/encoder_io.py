@@ -12,7 +12,7 @@ from .models import VoiceEncoder
 
 
 def save_encoder(model: VoiceEncoder, path: Path, width: float) -> None:
-    meta = {"out_dim": model.out_dim, "width": width, "n_freq": model.n_freq}
+    meta = {"out_dim": model.out_dim, "width": width, "n_freq": model.n_freq, "input_mode": model.input_mode}
     with atomic_path(path) as tmp:
         torch.save(model.state_dict(), tmp)
     path.with_suffix(".json").write_text(json.dumps(meta, indent=2) + "\n")
@@ -25,6 +25,7 @@ def load_encoder(path: str | Path, device: str | torch.device = "cpu") -> VoiceE
         raise FileNotFoundError(f"voice encoder {path} (and {meta_path.name}) not found: "
                                 f"train it with `dvc repro train_encoder`")
     meta = json.loads(meta_path.read_text())
-    model = VoiceEncoder(out_dim=meta["out_dim"], width=meta["width"], n_freq=meta["n_freq"])
+    model = VoiceEncoder(out_dim=meta["out_dim"], width=meta["width"], n_freq=meta["n_freq"],
+                         input_mode=meta.get("input_mode", "complex"))
     model.load_state_dict(torch.load(path, map_location=device, weights_only=True))
     return model.to(device).eval()

@@ -145,3 +145,30 @@ def plot_gallery(query_ids: list[str], top: np.ndarray, true_index: np.ndarray, 
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
+
+
+def summary_markdown(results: dict[str, dict], similarity: dict[str, dict], n_gallery: int, n_queries: int,
+                     n_train: int) -> str:
+    """The human-readable report: R@K per metric for the CNN and the baseline, with chance."""
+    lines = [f"# Voice -> face retrieval on the test split", "",
+             f"{n_queries} test voices, {n_gallery} test identities (never seen in training), "
+             f"{n_train} training pairs. Recall at K in %, whole test set as the gallery.", ""]
+    for metric in retrieval.METRICS:
+        ks = list(results["cnn"][metric]["whole"])
+        lines += [f"## {metric}", "", "| model | " + " | ".join(f"R@{k}" for k in ks) + " |",
+                  "|---|" + "---|" * len(ks)]
+        for name, metrics in results.items():
+            lines.append(f"| {name} | " + " | ".join(f"{100 * metrics[metric]['whole'][k]:.1f}" for k in ks) + " |")
+        lines.append("| chance | " + " | ".join(f"{100 * retrieval.chance_recall(k, n_gallery):.1f}" for k in ks)
+                     + " |")
+        sampled = results["cnn"][metric]["sampled"]
+        if sampled:
+            lines += ["", "Paper protocol (galleries of 100, mean +- std over draws): " + ", ".join(
+                f"R@{k} {100 * m:.1f} +- {100 * sd:.1f}" for k, (m, sd) in sampled.items())]
+        lines.append("")
+    lines += ["## Feature similarity (predicted vs true face feature, mean +- std)", "",
+              "| model | cosine angle (deg) | L1 | L2 |", "|---|---|---|---|"]
+    for name, sim in similarity.items():
+        lines.append(f"| {name} | " + " | ".join(f"{sim[key][0]:.3g} +- {sim[key][1]:.2g}"
+                                                  for key in ("cosine_angle_deg", "l1", "l2")) + " |")
+    return "\n".join(lines) + "\n"

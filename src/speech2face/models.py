@@ -19,6 +19,9 @@ from torch import nn
 TABLE_1 = [(64, 1), (64, 1), (128, 1), "pool", (128, 1), "pool", (128, 1), "pool",
            (256, 1), "pool", (512, 1), (512, 2), (512, 2)]
 HIDDEN = 4096
+# "complex": the paper's input, compressed real and imaginary parts as two channels;
+# "magnitude": one channel, sqrt(re^2 + im^2) of the same compressed parts.
+INPUT_MODES = ("complex", "magnitude")
 
 
 def scaled(channels: int, width: float) -> int:
@@ -35,10 +38,13 @@ def frequency_bins_after_convs(n_freq: int) -> int:
 
 
 class VoiceEncoder(nn.Module):
-    def __init__(self, out_dim: int = 4096, width: float = 1.0, n_freq: int = 257, in_channels: int = 2):
+    def __init__(self, out_dim: int = 4096, width: float = 1.0, n_freq: int = 257, input_mode: str = "complex"):
         super().__init__()
+        if input_mode not in INPUT_MODES:
+            raise ValueError(f"input_mode {input_mode!r}: expected one of {INPUT_MODES}")
+        self.input_mode = input_mode
         layers: list[nn.Module] = []
-        channels = in_channels
+        channels = 2 if input_mode == "complex" else 1
         for index, layer in enumerate(TABLE_1):
             if layer == "pool":
                 layers.append(nn.MaxPool2d(kernel_size=(2, 1), stride=(2, 1)))
@@ -66,6 +72,10 @@ class VoiceEncoder(nn.Module):
 
     def forward(self, spectrogram: torch.Tensor) -> torch.Tensor:
         x = spectrogram.permute(0, 3, 1, 2)            # (B, 2, time, freq)
+        if self.input_mode == "magnitude":
+            # phase-free view of the same spectrogram: with little data the network cannot
+            # learn to discard phase from real/imaginary parts on its own
+            x = x.pow(2).sum(dim=1, keepdim=True).sqrt()
         x = self.convs(x)                              # (B, C, time', freq')
         x = x.mean(dim=2, keepdim=True)                # average over all of time
         x = self.post_pool(x)

@@ -67,14 +67,23 @@ def load_pairs(spectrogram_dir: str | Path, faces_dir: str | Path) -> Pairs:
 
 
 class PairDataset(torch.utils.data.Dataset):
-    """(spectrogram float32 (frames, freq, 2), feature float32 (dim,)) per pair."""
+    """(spectrogram float32 (frames, freq, 2), feature float32 (dim,)) per pair.
 
-    def __init__(self, pairs: Pairs):
+    With ``augment``, each training example is rolled by a random number of frames along
+    time: the audio was looped to fill the window, so any rotation is another valid crop of
+    the same speech, and the encoder cannot memorise where words fall.
+    """
+
+    def __init__(self, pairs: Pairs, augment: bool = False):
         self.pairs = pairs
+        self.augment = augment
 
     def __len__(self) -> int:
         return len(self.pairs)
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
         spectrogram = np.asarray(self.pairs.spectrogram(i), dtype=np.float32)
+        if self.augment:
+            shift = int(torch.randint(0, spectrogram.shape[0], ()).item())
+            spectrogram = np.roll(spectrogram, shift, axis=0)
         return torch.from_numpy(spectrogram), torch.from_numpy(self.pairs.features[i])

@@ -14,7 +14,8 @@ T = TypeVar("T")
 
 def progress(items: Iterable[T], desc: str, total: int | None = None, unit: str = "clip") -> Iterable[T]:
     """A tqdm bar on stderr; quiet when not attached to a terminal unless forced."""
-    return tqdm(items, desc=desc, total=total, unit=unit, file=sys.stderr, dynamic_ncols=True,
+    # disable=None: a bar on a terminal, nothing in logs and CI output (the summary line stays)
+    return tqdm(items, desc=desc, total=total, unit=unit, file=sys.stderr, dynamic_ncols=True, disable=None,
                 mininterval=0.5, leave=False)
 
 

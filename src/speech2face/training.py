@@ -48,6 +48,8 @@ class EncoderConfig:
     fdec_weight: float = 1.0
     feature_l1_weight: float = 0.0
     loader_workers: int = 0
+    augment: int = 1          # 1: random time roll of each training spectrogram
+    input_mode: str = "complex"  # models.INPUT_MODES
 
 
 @dataclass
@@ -124,13 +126,21 @@ def evaluate_loss(model, loader, loss_fn: EncoderLoss, device) -> float:
 def train_encoder(config: EncoderConfig, train: Pairs, val: Pairs | None, checkpoint: Path,
                   loss_fn: EncoderLoss, on_epoch: Callable[[dict], None] | None = None,
                   dist_info: Distributed | None = None) -> tuple[VoiceEncoder, list[dict]]:
-    """Train (or resume) and return the model and one history row per epoch."""
+    """Train (or resume); return the model of the best validation epoch (the last one
+    without a validation split) and one history row per epoch."""
     dist_info = dist_info or Distributed()
     device = pick_device(dist_info.local_rank)
     torch.manual_seed(config.seed)
-    model = VoiceEncoder(out_dim=train.feature_dim, width=config.width).to(device)
+    model = VoiceEncoder(out_dim=train.feature_dim, width=config.width, input_mode=config.input_mode)
+    # Face features share a large common component (dlib embeddings of different people
+    # have cosine ~0.9): start the output at the training mean so the network spends its
+    # capacity on what tells faces apart.
+    with torch.no_grad():
+        model.fc[-1].bias.copy_(torch.as_tensor(train.features.mean(axis=0)))
+    model = model.to(device)
     optimizer, schedule = make_optimizer(model, config)
     start_epoch, step, history = 0, 0, []
+    best_path = checkpoint.with_name("best.pt")
     if checkpoint.exists():
         start_epoch, step, history = load_checkpoint(checkpoint, model, optimizer, schedule)
         if dist_info.is_main:
@@ -140,7 +150,7 @@ def train_encoder(config: EncoderConfig, train: Pairs, val: Pairs | None, checkp
         wrapped = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None)
 
-    dataset = PairDataset(train)
+    dataset = PairDataset(train, augment=bool(config.augment))
     # Each rank sees a disjoint slice of a shared permutation; batch_size is per process, so
     # the global batch is batch_size * world_size.
     sampler = torch.utils.data.DistributedSampler(
@@ -174,7 +184,7 @@ def train_encoder(config: EncoderConfig, train: Pairs, val: Pairs | None, checkp
             optimizer.step()
             schedule.step()
             step += 1
-            losses.append(float(loss))
+            losses.append(loss.item())
             if dist_info.is_main and hasattr(bar, "set_postfix"):
                 bar.set_postfix(loss=f"{np.mean(losses[-20:]):.4f}")
             tick = time.perf_counter()
@@ -189,12 +199,25 @@ def train_encoder(config: EncoderConfig, train: Pairs, val: Pairs | None, checkp
                "data_wait_seconds": data_wait}
         history.append(row)
         if dist_info.is_main:
+            # the best epoch on the validation split is the model we keep (early stopping
+            # without stopping: later epochs still run and are logged)
+            if not math.isnan(row["val_loss"]) and row["val_loss"] <= min(h["val_loss"] for h in history):
+                with atomic_path(best_path) as tmp:
+                    torch.save(model.state_dict(), tmp)
             save_checkpoint(checkpoint, model, optimizer, schedule, epoch + 1, step, history)
             print(f"train_encoder: epoch {epoch + 1}/{config.epochs} train_loss {train_loss:.4f} "
                   f"val_loss {row['val_loss']:.4f} ({row['seconds']:.1f} s)", flush=True)
             if on_epoch:
                 on_epoch(row)
+    if best_path.exists():
+        model.load_state_dict(torch.load(best_path, map_location=device, weights_only=True))
     return model, history
+
+
+def best_epoch(history: list[dict]) -> int:
+    """1-based epoch whose weights train_encoder returned (lowest validation loss)."""
+    scored = [h for h in history if not math.isnan(h["val_loss"])]
+    return int(min(scored, key=lambda h: h["val_loss"])["epoch"]) if scored else len(history)
 
 
 def config_dict(config: EncoderConfig) -> dict:
