@@ -310,29 +310,21 @@ def run(extract_dir: Path, out_dir: Path, detector: str = "hog", upsample: int =
     index["split"] = split_column(index, split_fractions, split_seed) if len(index) else []
     write_table(index[INDEX_COLUMNS], out_dir / "index.csv")
     clips_timed = int(timings.pop("clips", 0))
-    seconds_per_clip = {k: round(v / clips_timed, 4) for k, v in sorted(timings.items())} if clips_timed else {}
-    if not clips_timed:   # everything reused: keep the timings of the run that did the work
-        earlier = _read_json(out_dir / "meta.json")
-        clips_timed = int(earlier.get("clips_timed", 0))
-        seconds_per_clip = earlier.get("seconds_per_clip", {})
+    # Timings are printed, not stored: data/faces is a DVC output, and a file that changes
+    # with machine load would make every rerun look like new data and retrain the encoder.
+    if clips_timed:
+        print("faces: seconds per clip: " + ", ".join(f"{k} {v / clips_timed:.4f}" for k, v in sorted(timings.items())),
+              flush=True)
     meta = {
         "backend": backend, "dim": backend_class.dim, "normalised": backend_class.normalised,
         "crop_size": crop_size, "landmarks": N_LANDMARKS, "detector": detector, "upsample": upsample,
         "embed_frames": embed_frames, "canonical_points": np.round(faces.CANONICAL_POINTS * crop_size, 3).tolist(),
         "split_fractions": list(split_fractions), "split_seed": split_seed,
-        "clips_timed": clips_timed, "seconds_per_clip": seconds_per_clip,
     }
     with atomic_path(out_dir / "meta.json") as tmp:
         tmp.write_text(json.dumps(meta, indent=1) + "\n")
     summary.print()
     return index
-
-
-def _read_json(path: Path) -> dict:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return {}
 
 
 class _Workers:

@@ -94,9 +94,10 @@ def run(config: EncoderConfig) -> list[dict]:
         model, history = train_encoder(config, train, val, checkpoint, loss_fn, on_epoch=log_epoch,
                                        dist_info=dist_info)
         save_encoder(model, MODEL, width=config.width)
-        chosen = history[best_epoch(history) - 1]
+        kept = best_epoch(history)
+        chosen = history[kept - 1]
         final = {"train_loss": chosen["train_loss"], "val_loss": chosen["val_loss"],
-                 "best_epoch": chosen["epoch"], "epochs": len(history), "train_pairs": len(train)}
+                 "best_epoch": kept, "epochs": len(history), "train_pairs": len(train)}
         METRICS.parent.mkdir(parents=True, exist_ok=True)
         METRICS.write_text(json.dumps(final, indent=2) + "\n")
         mlflow.log_metrics({f"final_{k}": v for k, v in final.items()})

@@ -190,7 +190,7 @@ def test_stage_outputs(extract_dir, first_run) -> None:
 
     meta = json.loads((out / "meta.json").read_text())
     assert (meta["backend"], meta["dim"], meta["crop_size"]) == ("dlib128", 128, 224)
-    assert meta["clips_timed"] == 5 and set(meta["seconds_per_clip"]) == {"detect", "landmarks", "align", "embed"}
+    assert "seconds_per_clip" not in meta  # machine-dependent: printed, never in the DVC output
 
 
 def test_stage_resumes(extract_dir, first_run, capsys) -> None:

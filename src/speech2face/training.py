@@ -177,7 +177,7 @@ def train_encoder(config: EncoderConfig, train: Pairs, val: Pairs | None, checkp
             terms = loss_fn.terms(feature, predicted.float())
             loss = terms["total"]
             if not torch.isfinite(loss):
-                raise TrainingError(f"non-finite loss ({float(loss)}) at epoch {epoch + 1}, step {step}: "
+                raise TrainingError(f"non-finite loss ({loss.item()}) at epoch {epoch + 1}, step {step}: "
                                     f"lower encoder.lr or check the inputs")
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
