@@ -7,8 +7,6 @@ full queries x gallery distance matrix never exists in memory, and no top-k sort
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 import torch
 
@@ -109,7 +107,3 @@ def feature_similarity(predicted: np.ndarray, true: np.ndarray) -> dict[str, tup
 
 def chance_recall(k: int, gallery_size: int) -> float:
     return min(1.0, k / gallery_size)
-
-
-def angle_between_random_vectors_deg() -> float:
-    return math.degrees(math.pi / 2)

@@ -25,12 +25,3 @@ def read_table(path: str | Path) -> pd.DataFrame:
     # keep_default_na=False: an id like "NA" or "nan" stays a string, and empty reasons stay "".
     return pd.read_csv(path, dtype={"clip_id": str, "youtube_id": str, "identity": str, "reason": str},
                        keep_default_na=False)
-
-
-def status_counts(df: pd.DataFrame) -> dict[str, int]:
-    """{'ok': n, '<reason>': n, ...} for a summary line."""
-    counts: dict[str, int] = {}
-    for status, reason in zip(df["status"], df["reason"]):
-        key = OK if status == OK else (reason or status)
-        counts[key] = counts.get(key, 0) + 1
-    return counts

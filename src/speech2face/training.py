@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 import os
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -201,7 +201,7 @@ def train_encoder(config: EncoderConfig, train: Pairs, val: Pairs | None, checkp
         if dist_info.is_main:
             # the best epoch on the validation split is the model we keep (early stopping
             # without stopping: later epochs still run and are logged)
-            if not math.isnan(row["val_loss"]) and row["val_loss"] <= min(h["val_loss"] for h in history):
+            if best_epoch(history) == epoch + 1:
                 with atomic_path(best_path) as tmp:
                     torch.save(model.state_dict(), tmp)
             save_checkpoint(checkpoint, model, optimizer, schedule, epoch + 1, step, history)
@@ -218,7 +218,3 @@ def best_epoch(history: list[dict]) -> int:
     """1-based epoch whose weights train_encoder returned (lowest validation loss)."""
     scored = [h for h in history if not math.isnan(h["val_loss"])]
     return int(min(scored, key=lambda h: h["val_loss"])["epoch"]) if scored else len(history)
-
-
-def config_dict(config: EncoderConfig) -> dict:
-    return asdict(config)
