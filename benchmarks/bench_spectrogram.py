@@ -2,7 +2,7 @@
 
     .venv/bin/python benchmarks/bench_spectrogram.py [--clips 128] [--batch 32] [--threads 2]
 
-Both sides compute a 6 s clip's STFT (400/160/512) and compress re/im with |x|^0.3; librosa
+``measure()`` is what benchmarks/run_all.py calls. Both sides compute a 6 s clip's STFT (400/160/512) and compress re/im with |x|^0.3; librosa
 frames differently (597 frames, see audio.py), which does not change its cost. Ratios are
 against the librosa figure measured in the same run.
 """
@@ -39,6 +39,37 @@ def clips_per_second(fn, clips: list[np.ndarray], repeats: int) -> float:
     return len(clips) / best
 
 
+def measure(n_clips: int = 128, batch: int = 32, threads: int = 2, repeats: int = 3, seed: int = 0) -> dict:
+    """clips/s of librosa one clip at a time (the baseline), torch one at a time, torch batched.
+
+    Returns {"settings": ..., "rates": {name: clips/s}, "baseline": name}.
+    """
+    threads_before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        s = SpectrogramSettings()
+        rng = np.random.default_rng(seed)
+        clips = [(0.1 * rng.standard_normal(s.n_samples)).astype(np.float32) for _ in range(n_clips)]
+
+        def librosa_loop(clips_):
+            return [librosa_one(a, s) for a in clips_]
+
+        def torch_one_at_a_time(clips_):
+            return [spectrogram_batch([a], s) for a in clips_]
+
+        def torch_batched(clips_):
+            return [spectrogram_batch(clips_[i:i + batch], s) for i in range(0, len(clips_), batch)]
+
+        rates = {"librosa, one clip at a time": clips_per_second(librosa_loop, clips, repeats),
+                 "torch, one clip at a time": clips_per_second(torch_one_at_a_time, clips, repeats),
+                 f"torch, batches of {batch}": clips_per_second(torch_batched, clips, repeats)}
+    finally:
+        torch.set_num_threads(threads_before)
+    return {"settings": {"clips": n_clips, "seconds": s.seconds, "batch": batch, "torch_threads": threads,
+                         "repeats": repeats, "librosa": librosa.__version__},
+            "rates": rates, "baseline": "librosa, one clip at a time"}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--clips", type=int, default=128)
@@ -46,27 +77,11 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
-    torch.set_num_threads(args.threads)
-    s = SpectrogramSettings()
-    rng = np.random.default_rng(0)
-    clips = [(0.1 * rng.standard_normal(s.n_samples)).astype(np.float32) for _ in range(args.clips)]
-
-    def librosa_loop(batch):
-        return [librosa_one(a, s) for a in batch]
-
-    def torch_one_at_a_time(batch):
-        return [spectrogram_batch([a], s) for a in batch]
-
-    def torch_batched(batch):
-        return [spectrogram_batch(batch[i:i + args.batch], s) for i in range(0, len(batch), args.batch)]
-
-    baseline = clips_per_second(librosa_loop, clips, args.repeats)
-    print(f"{args.clips} clips of {s.seconds:g} s, torch threads {args.threads}, "
+    result = measure(args.clips, args.batch, args.threads, args.repeats)
+    baseline = result["rates"][result["baseline"]]
+    print(f"{args.clips} clips of {result['settings']['seconds']:g} s, torch threads {args.threads}, "
           f"torch {torch.__version__}, librosa {librosa.__version__}")
-    print(f"librosa, one clip at a time  : {baseline:8.1f} clips/s  (1.00x)")
-    for name, fn in [("torch, one clip at a time", torch_one_at_a_time),
-                     (f"torch, batches of {args.batch}", torch_batched)]:
-        rate = clips_per_second(fn, clips, args.repeats)
+    for name, rate in result["rates"].items():
         print(f"{name:<29}: {rate:8.1f} clips/s  ({rate / baseline:.2f}x)")
 
 

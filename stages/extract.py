@@ -7,6 +7,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
+from speech2face.engine import EngineError, read_engine  # noqa: E402
 from speech2face.extract import run_extract  # noqa: E402
 from speech2face.params import ParamsError, get_int, load_section  # noqa: E402
 
@@ -15,6 +16,7 @@ SECTION = "extract"
 
 def main() -> None:
     p = load_section(SECTION)
+    engine, cluster_address = read_engine(p, SECTION)
     run_extract(
         download_manifest=Path("data/manifests/download.csv"),
         clips_dir=Path("data/clips"),
@@ -24,11 +26,13 @@ def main() -> None:
         frame_max_side=get_int(p, SECTION, "frame_max_side", minimum=64),
         shard_size=get_int(p, SECTION, "shard_size", minimum=1),
         workers=get_int(p, SECTION, "workers", minimum=1),
+        engine=engine,
+        cluster_address=cluster_address,
     )
 
 
 if __name__ == "__main__":
     try:
         main()
-    except ParamsError as error:
+    except (ParamsError, EngineError) as error:
         sys.exit(f"extract: {error}")

@@ -15,16 +15,21 @@ and at the end:
   config.json           params + code fingerprint the shards were made with: a change wipes them
 
 How faces are found, chosen, aligned and how several frames combine: speech2face.faces.
-Clips are analysed in a process pool (``workers``), in order; a shard whose table exists
-and whose arrays fit is reused, so an interrupted run resumes where it stopped.
+``process_shard`` is the unit of work. With the local engine the shards run in this process,
+one after another, and their clips are analysed in a process pool (``workers``), in order;
+with the dask engine each shard is a cluster task (``_shard_on_worker``) that analyses its
+clips in turn (speech2face.engine). A shard whose table exists and whose arrays fit is
+reused, so an interrupted run resumes where it stopped.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import multiprocessing
 import sys
+import threading
 import time
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
@@ -36,7 +41,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
-from speech2face import extracted, face_backends, faces, shards, split  # noqa: E402
+from speech2face import engine as engines, extracted, face_backends, faces, shards, split  # noqa: E402
+from speech2face.engine import EngineError, read_engine  # noqa: E402
 from speech2face.face_backends import BACKENDS, BackendError, FaceBackend, make_backend  # noqa: E402
 from speech2face.faces import (DETECTORS, EMBED_FRAMES, N_LANDMARKS, AnalyzerSettings,  # noqa: E402
                                ClipFaces, analyse_task, combine_features, init_worker)
@@ -230,6 +236,34 @@ def process_shard(npz_path: Path, out_dir: Path, shard: str, rows: pd.DataFrame,
     return table
 
 
+def _shard_here(npz_path: Path, out_dir: Path, shard: str, rows: pd.DataFrame, pool: "_Workers | None", dim: int,
+                parent_backend: FaceBackend | None, crop_size: int, bar) -> tuple[pd.DataFrame, dict[str, float]]:
+    """``process_shard`` in this process, its clips on the stage's pool (local engine)."""
+    timings: dict[str, float] = {}
+    table = process_shard(npz_path, out_dir, shard, rows, pool, dim, parent_backend, crop_size, bar, timings)
+    return table, timings
+
+
+def _shard_on_worker(npz_path: Path, out_dir: Path, shard: str, rows: pd.DataFrame, settings: AnalyzerSettings,
+                     backend: str, vggface_weights: str | None, dim: int, crop_size: int
+                     ) -> tuple[pd.DataFrame, dict[str, float]]:
+    """``process_shard`` as a dask task: the clips of the shard in turn, in this worker
+    process. Returns (table, seconds per step summed over its clips)."""
+    # dlib's networks keep per-call state: one shard at a time per process, even on a
+    # worker started with several threads.
+    with engines.once_per_process("faces-shard-lock", threading.Lock):
+        init_worker(settings)   # cheap after the first call: the dlib models are cached per process
+        parent_backend = None
+        if settings.worker_backend is None:   # a large backend (VGG-Face): once per worker, not per shard
+            parent_backend = engines.once_per_process(
+                ("faces-backend", backend, tuple(_weights_fingerprint(vggface_weights) or ())),
+                lambda: make_backend(backend, vggface_weights))
+        timings: dict[str, float] = {}
+        table = process_shard(npz_path, out_dir, shard, rows, lambda tasks: map(analyse_task, tasks), dim,
+                              parent_backend, crop_size, engines.NO_PROGRESS, timings)
+    return table, timings
+
+
 # ------------------------------------------------------------------------- splits
 
 def split_column(index: pd.DataFrame, fractions: Sequence[float], seed: int) -> list[str]:
@@ -249,10 +283,16 @@ def run(extract_dir: Path, out_dir: Path, detector: str = "hog", upsample: int =
         backend: str = "dlib128", vggface_weights: str | None = None, crop_size: int = 224,
         workers: int = 2, split_fractions: Sequence[float] = (0.7, 0.1, 0.2), split_seed: int = 0,
         embed_frames: str = "middle", detect_max_side: int | None = 640,
-        max_centre_offset: float | None = 1.0) -> pd.DataFrame:
-    """All extract shards -> face shards + index.csv + meta.json. Returns the index."""
+        max_centre_offset: float | None = 1.0, engine: str = "local",
+        cluster_address: str | None = None) -> pd.DataFrame:
+    """All extract shards -> face shards + index.csv + meta.json. Returns the index.
+
+    ``engine``/``cluster_address``: where the shards run (speech2face.engine); like
+    ``workers`` they change how fast, not what.
+    """
     check_params(detector, upsample, backend, vggface_weights, crop_size, workers, split_fractions,
                  split_seed, embed_frames, detect_max_side, max_centre_offset)
+    engines.check_engine(SECTION, engine, cluster_address)
     extract_dir, out_dir = Path(extract_dir), Path(out_dir)
     if not extract_dir.is_dir():
         raise FileNotFoundError(f"{extract_dir} not found (run the extract stage first)")
@@ -279,33 +319,52 @@ def run(extract_dir: Path, out_dir: Path, detector: str = "hog", upsample: int =
             path.unlink()
     shards.remove_unplanned(out_dir, sorted(planned))
 
-    pool = None
     timings: dict[str, float] = {}
-    tables = []
-    try:
-        total = sum(int((t["status"] == OK).sum()) for _, t in plan)
-        with progress(None, "faces", total=total) as bar:
-            for name, extract_table in plan:
-                rows = extract_table[extract_table["status"] == OK].reset_index(drop=True)
-                upstream_failed = len(extract_table) - len(rows)
-                if upstream_failed:
-                    summary.skip("extract_failed", upstream_failed)
-                table = _reusable_table(out_dir, name, list(rows["clip_id"]), backend_class.dim, crop_size)
-                if table is not None:
-                    summary.reuse(len(table))
-                    bar.update(len(table))
-                else:
-                    if pool is None and len(rows):
-                        pool = _start_workers(settings, workers)
-                    table = process_shard(extract_dir / f"{name}.npz", out_dir, name, rows, pool,
-                                          backend_class.dim, parent_backend, crop_size, bar, timings)
-                    summary.add_statuses(zip(table["status"], table["reason"]))
-                tables.append(table.assign(shard=name))
-    finally:
-        if pool is not None:
-            pool.close()
+    tables: dict[str, pd.DataFrame] = {}
+    pending = {}
+    total = sum(int((t["status"] == OK).sum()) for _, t in plan)
+    with contextlib.ExitStack() as stack:
+        bar = stack.enter_context(progress(None, "faces", total=total))
+        executor = pool = None
+        for name, extract_table in plan:
+            rows = extract_table[extract_table["status"] == OK].reset_index(drop=True)
+            upstream_failed = len(extract_table) - len(rows)
+            if upstream_failed:
+                summary.skip("extract_failed", upstream_failed)
+            table = _reusable_table(out_dir, name, list(rows["clip_id"]), backend_class.dim, crop_size)
+            if table is not None:
+                summary.reuse(len(table))
+                bar.update(len(table))
+                tables[name] = table
+                continue
+            npz_path = extract_dir / f"{name}.npz"
+            if executor is None:   # started only when there is work: a LocalCluster takes seconds
+                executor = stack.enter_context(engines.make_executor(
+                    engine, cluster_address, workers,
+                    shared=[out_dir, npz_path] + ([Path(vggface_weights)] if vggface_weights else [])))
+            if executor.in_process:
+                if pool is None and len(rows):
+                    pool = _start_workers(settings, workers)
+                    stack.callback(pool.close)
+                pending[name] = executor.submit(_shard_here, npz_path, out_dir, name, rows, pool, backend_class.dim,
+                                                parent_backend, crop_size, bar)
+            else:
+                weights = str(Path(vggface_weights).resolve()) if vggface_weights else None
+                pending[name] = executor.submit(_shard_on_worker, npz_path.resolve(), out_dir.resolve(), name, rows,
+                                                settings, backend, weights, backend_class.dim, crop_size)
 
-    index = (pd.concat(tables, ignore_index=True) if tables
+        def finished(name: str, result: tuple[pd.DataFrame, dict[str, float]]) -> None:
+            table, seconds = result
+            if not executor.in_process:
+                bar.update(len(table))
+            for key, value in seconds.items():
+                timings[key] = timings.get(key, 0.0) + value
+            summary.add_statuses(zip(table["status"], table["reason"]))
+            tables[name] = table
+
+        engines.collect(pending, finished)
+
+    index = (pd.concat([tables[name].assign(shard=name) for name, _ in plan], ignore_index=True) if plan
              else pd.DataFrame(columns=TABLE_COLUMNS + ["shard"]))
     index["split"] = split_column(index, split_fractions, split_seed) if len(index) else []
     write_table(index[INDEX_COLUMNS], out_dir / "index.csv")
@@ -364,6 +423,7 @@ def main() -> None:
     if not (isinstance(fractions, list) and all(isinstance(f, (int, float)) and not isinstance(f, bool)
                                                  for f in fractions)):
         raise ParamsError(f"params.yaml: {SECTION}.split_fractions = {fractions!r}: expected [train, val, test]")
+    engine, cluster_address = read_engine(p, SECTION)
     weights = p.get("vggface_weights")
     if weights is not None and not isinstance(weights, str):
         raise ParamsError(f"params.yaml: {SECTION}.vggface_weights = {weights!r}: expected a path or null")
@@ -382,13 +442,15 @@ def main() -> None:
         detect_max_side=get_int(p, SECTION, "detect_max_side", minimum=64, allow_none=True),
         max_centre_offset=(None if p.get("max_centre_offset") is None
                            else get_float(p, SECTION, "max_centre_offset", minimum=0.01)),
+        engine=engine,
+        cluster_address=cluster_address,
     )
 
 
 if __name__ == "__main__":
     try:
         main()
-    except (ParamsError, BackendError, FileNotFoundError) as error:
+    except (ParamsError, BackendError, EngineError, FileNotFoundError) as error:
         sys.exit(f"faces: {error}")
     except BrokenProcessPool as error:
         sys.exit(f"faces: a worker process died or could not start ({error}); rerun resumes finished shards")

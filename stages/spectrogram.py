@@ -2,10 +2,15 @@
 
 One memory-mappable ``.npy`` per extract shard (format: speech2face.spectrograms). Shards
 finished by an earlier run with the same settings and code are kept.
+
+``compute_shard`` is the unit of work: with the local engine the shards run in this process,
+one after another, with ``workers`` torch threads; with the dask engine each shard is a task
+on the cluster (speech2face.engine).
 """
 
 from __future__ import annotations
 
+import contextlib
 import sys
 import zipfile
 from pathlib import Path
@@ -16,9 +21,10 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 import torch  # noqa: E402
 
-from speech2face import audio, extracted, shards, spectrograms  # noqa: E402
+from speech2face import audio, engine as engines, extracted, shards, spectrograms  # noqa: E402
 from speech2face.audio import (STORAGE_DTYPES, SpectrogramSettings, check_storage_dtype,  # noqa: E402
                                spectrogram_batch)
+from speech2face.engine import EngineError, read_engine  # noqa: E402
 from speech2face.fsutil import atomic_path, remove_stale_temps  # noqa: E402
 from speech2face.params import ParamsError, get_choice, get_float, get_int, load_section  # noqa: E402
 from speech2face.reporting import StageSummary, progress  # noqa: E402
@@ -101,8 +107,14 @@ def compute_shard(npz_path: Path, out_dir: Path, shard: str, clip_ids: list[str]
 
 
 def run(extract_dir: Path, out_dir: Path, seconds: float, sample_rate: int, window: int, hop: int,
-        n_fft: int, power: float, dtype: str, batch_size: int, workers: int) -> pd.DataFrame:
-    """All extract shards -> spectrogram shards + index.csv. Returns the index."""
+        n_fft: int, power: float, dtype: str, batch_size: int, workers: int, engine: str = "local",
+        cluster_address: str | None = None) -> pd.DataFrame:
+    """All extract shards -> spectrogram shards + index.csv. Returns the index.
+
+    ``engine``/``cluster_address``: where the shards run (speech2face.engine); like
+    batch_size and workers they change how fast, not what.
+    """
+    engines.check_engine(SECTION, engine, cluster_address)
     settings = SpectrogramSettings(seconds, sample_rate, window, hop, n_fft, power).validate()
     storage_dtype = check_storage_dtype(dtype)
     if batch_size < 1:
@@ -125,10 +137,13 @@ def run(extract_dir: Path, out_dir: Path, seconds: float, sample_rate: int, wind
 
     threads_before = torch.get_num_threads()
     torch.set_num_threads(workers)
-    tables = []
+    tables: dict[str, pd.DataFrame] = {}
+    pending = {}
     try:
         total = sum(int((t["status"] == OK).sum()) for _, t in plan)
-        with progress(None, "spectrogram", total=total) as bar:
+        with contextlib.ExitStack() as stack:
+            bar = stack.enter_context(progress(None, "spectrogram", total=total))
+            executor = None
             for name, extract_table in plan:
                 clip_ids = list(extract_table.loc[extract_table["status"] == OK, "clip_id"])
                 upstream_failed = len(extract_table) - len(clip_ids)
@@ -138,15 +153,29 @@ def run(extract_dir: Path, out_dir: Path, seconds: float, sample_rate: int, wind
                 if table is not None:
                     summary.reuse(len(table))
                     bar.update(len(table))
-                else:
-                    table = compute_shard(extract_dir / f"{name}.npz", out_dir, name, clip_ids, settings,
-                                          storage_dtype, batch_size, bar)
-                    summary.add_statuses(zip(table["status"], table["reason"]))
-                tables.append(table.assign(shard=name))
+                    tables[name] = table
+                    continue
+                npz_path = extract_dir / f"{name}.npz"
+                if executor is None:   # started only when there is work: a LocalCluster takes seconds
+                    executor = stack.enter_context(engines.make_executor(
+                        engine, cluster_address, workers, shared=[out_dir, npz_path]))
+                here = executor.in_process
+                pending[name] = executor.submit(
+                    compute_shard, npz_path if here else npz_path.resolve(), out_dir if here else out_dir.resolve(),
+                    name, clip_ids, settings, storage_dtype, batch_size, engines.progress_for_task(executor, bar))
+
+            def finished(name: str, table: pd.DataFrame) -> None:
+                if not executor.in_process:
+                    bar.update(len(table))
+                summary.add_statuses(zip(table["status"], table["reason"]))
+                tables[name] = table
+
+            engines.collect(pending, finished)
     finally:
         torch.set_num_threads(threads_before)
 
-    index = pd.concat(tables, ignore_index=True) if tables else pd.DataFrame(columns=INDEX_COLUMNS)
+    index = (pd.concat([tables[name].assign(shard=name) for name, _ in plan], ignore_index=True) if plan
+             else pd.DataFrame(columns=INDEX_COLUMNS))
     write_table(index[INDEX_COLUMNS], out_dir / "index.csv")
     summary.print()
     return index
@@ -154,6 +183,7 @@ def run(extract_dir: Path, out_dir: Path, seconds: float, sample_rate: int, wind
 
 def main() -> None:
     p = load_section(SECTION)
+    engine, cluster_address = read_engine(p, SECTION)
     run(
         extract_dir=Path("data/extracted"),
         out_dir=Path("data/spectrograms"),
@@ -166,11 +196,13 @@ def main() -> None:
         dtype=get_choice(p, SECTION, "dtype", STORAGE_DTYPES),
         batch_size=get_int(p, SECTION, "batch_size", minimum=1),
         workers=get_int(p, SECTION, "workers", minimum=1),
+        engine=engine,
+        cluster_address=cluster_address,
     )
 
 
 if __name__ == "__main__":
     try:
         main()
-    except (ParamsError, FileNotFoundError) as error:
+    except (ParamsError, EngineError, FileNotFoundError) as error:
         sys.exit(f"spectrogram: {error}")

@@ -1,13 +1,17 @@
 """DVC stage: train the voice encoder on (spectrogram, face feature) pairs of the train split.
 
     python stages/train_encoder.py                       # one process
-    torchrun --nproc_per_node 2 stages/train_encoder.py  # DDP; only rank 0 writes
+    torchrun --nproc_per_node 2 stages/train_encoder.py  # DDP; only rank 0 writes and logs
+
+dvc.yaml runs it under torchrun with ``encoder.processes`` processes (GPUs on one machine;
+gloo on a CPU). ``encoder.batch_size`` is per process.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import os
 import sys
 from dataclasses import fields
 from pathlib import Path
@@ -16,7 +20,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 import torch  # noqa: E402
 
+from speech2face import losses as losses_module  # noqa: E402
+from speech2face import models as models_module  # noqa: E402
+from speech2face import pairs as pairs_module  # noqa: E402
 from speech2face import shards, tracking  # noqa: E402
+from speech2face import training as training_module  # noqa: E402
+from speech2face.decoder import DecoderError  # noqa: E402
 from speech2face.encoder_io import save_encoder  # noqa: E402
 from speech2face.losses import EncoderLoss  # noqa: E402
 from speech2face.models import INPUT_MODES  # noqa: E402
@@ -29,6 +38,7 @@ SECTION = "encoder"
 SPECTROGRAMS, FACES = Path("data/spectrograms"), Path("data/faces")
 CHECKPOINT_DIR = Path("data/checkpoints/encoder")
 MODEL, METRICS = Path("models/voice_encoder.pt"), Path("reports/train_encoder.json")
+DECODER = Path("models/face_decoder.pt")
 
 
 def read_config(p: dict) -> EncoderConfig:
@@ -46,7 +56,7 @@ def read_config(p: dict) -> EncoderConfig:
         check(ok and (kind is float or isinstance(value, int)), SECTION, field.name, value, f"a {kind.__name__}")
         check(value >= 0, SECTION, field.name, value, "a value >= 0")
         setattr(config, field.name, kind(value))
-    for name in ("epochs", "batch_size", "lr_decay_steps"):
+    for name in ("epochs", "batch_size", "lr_decay_steps", "processes"):
         check(getattr(config, name) >= 1, SECTION, name, getattr(config, name), "an integer >= 1")
     for name in ("width", "lr", "eps", "temperature"):
         check(getattr(config, name) > 0, SECTION, name, getattr(config, name), "a number > 0")
@@ -54,11 +64,24 @@ def read_config(p: dict) -> EncoderConfig:
     return config
 
 
-def data_fingerprint() -> str:
+def data_fingerprint(config: EncoderConfig) -> str:
     digest = hashlib.sha256()
     for path in (SPECTROGRAMS / "index.csv", FACES / "index.csv"):
         digest.update(path.read_bytes())
+    if config.fdec_weight and DECODER.exists():   # f_dec is part of the loss: a new decoder, a new objective
+        digest.update(DECODER.read_bytes())
     return digest.hexdigest()[:16]
+
+
+def frozen_decoder_head():
+    """The decoder's shared layer f_dec, frozen, on the training device."""
+    from speech2face.decoder import load_decoder
+    from speech2face.training import pick_device
+
+    decoder = load_decoder(DECODER, device=pick_device(int(os.environ.get("LOCAL_RANK", "0"))))
+    for p in decoder.parameters():
+        p.requires_grad_(False)
+    return decoder.f_dec
 
 
 def run(config: EncoderConfig) -> list[dict]:
@@ -68,16 +91,22 @@ def run(config: EncoderConfig) -> list[dict]:
     # and the same data.
     checkpoint = CHECKPOINT_DIR / "last.pt"
     if dist_info.is_main:
-        shards.reset_if_config_changed(CHECKPOINT_DIR, {**vars(config), "data": data_fingerprint()})
+        # resumed only for the same params, data and code
+        shards.reset_if_config_changed(CHECKPOINT_DIR, {
+            **vars(config), "data": data_fingerprint(config),
+            "code": shards.code_fingerprint(
+                sys.modules[__name__], training_module, models_module, losses_module, pairs_module)})
     if dist_info.world_size > 1:
         torch.distributed.barrier()
     train, val = pairs.subset("train"), pairs.subset("val")
     if len(train) == 0:
         raise TrainingError("no training pairs: run the data stages first (dvc repro faces spectrogram)")
-    # The face decoder (f_dec term) and a face classifier (distillation term) are frozen heads
-    # that only exist for some set-ups; without them those terms are off (see README).
+    # f_dec: the first layer of the trained face decoder (frozen), as in the paper. The face
+    # classifier of the distillation term exists only with VGG-Face (faces.backend
+    # vggface4096); without it that term is off (see README).
     loss_fn = EncoderLoss(fdec_weight=config.fdec_weight, lambda1=config.lambda1, lambda2=config.lambda2,
-                          temperature=config.temperature, feature_l1_weight=config.feature_l1_weight)
+                          temperature=config.temperature, feature_l1_weight=config.feature_l1_weight,
+                          decoder_head=frozen_decoder_head() if config.fdec_weight else None)
     if not dist_info.is_main:
         model, history = train_encoder(config, train, val, checkpoint, loss_fn, dist_info=dist_info)
         return history
@@ -93,7 +122,9 @@ def run(config: EncoderConfig) -> list[dict]:
 
         model, history = train_encoder(config, train, val, checkpoint, loss_fn, on_epoch=log_epoch,
                                        dist_info=dist_info)
-        save_encoder(model, MODEL, width=config.width)
+        settings = json.loads((SPECTROGRAMS / "config.json").read_text())
+        save_encoder(model, MODEL, width=config.width,
+                     spectrogram={k: v for k, v in settings.items() if k not in ("code", "dtype")})
         kept = best_epoch(history)
         chosen = history[kept - 1]
         final = {"train_loss": chosen["train_loss"], "val_loss": chosen["val_loss"],
@@ -115,5 +146,5 @@ def main() -> None:
 if __name__ == "__main__":
     try:
         main()
-    except (ParamsError, TrainingError) as error:
+    except (ParamsError, TrainingError, DecoderError) as error:
         sys.exit(f"train_encoder: {error}")

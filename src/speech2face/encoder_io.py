@@ -11,11 +11,19 @@ from .fsutil import atomic_path
 from .models import VoiceEncoder
 
 
-def save_encoder(model: VoiceEncoder, path: Path, width: float) -> None:
-    meta = {"out_dim": model.out_dim, "width": width, "n_freq": model.n_freq, "input_mode": model.input_mode}
+def save_encoder(model: VoiceEncoder, path: Path, width: float, spectrogram: dict | None = None) -> None:
+    """``spectrogram``: the settings of the spectrograms it was trained on (``predict`` computes
+    its input with them)."""
+    meta = {"out_dim": model.out_dim, "width": width, "n_freq": model.n_freq, "input_mode": model.input_mode,
+            "spectrogram": spectrogram}
     with atomic_path(path) as tmp:
         torch.save(model.state_dict(), tmp)
     path.with_suffix(".json").write_text(json.dumps(meta, indent=2) + "\n")
+
+
+def encoder_meta(path: str | Path) -> dict:
+    meta_path = Path(path).with_suffix(".json")
+    return json.loads(meta_path.read_text()) if meta_path.exists() else {}
 
 
 def load_encoder(path: str | Path, device: str | torch.device = "cpu") -> VoiceEncoder:

@@ -1,7 +1,14 @@
-"""Extract stage library: downloaded clips -> 16 kHz mono audio + a few frames, in shards."""
+"""Extract stage library: downloaded clips -> 16 kHz mono audio + a few frames, in shards.
+
+``write_extract_shard`` is the unit of work: one whole shard, its npz and then its table.
+With the local engine the shards run one after another in this process and a thread pool
+decodes a shard's clips in parallel (ffmpeg runs out of process); with the dask engine each
+shard is a cluster task that decodes its clips in turn (speech2face.engine).
+"""
 
 from __future__ import annotations
 
+import contextlib
 import sys
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -10,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from . import engine as engines
 from . import extracted, media, shards
 from .fsutil import atomic_path, remove_stale_temps
 from .media import MediaError, decode_clip
@@ -44,15 +52,16 @@ def extract_clip(clip_id: str, path: Path, frames_per_clip: int, sample_rate: in
 
 
 def extract_shard(rows: pd.DataFrame, clips_dir: Path, frames_per_clip: int, sample_rate: int,
-                  frame_max_side: int, pool: ThreadPoolExecutor, bar) -> tuple[list[ClipResult], pd.DataFrame]:
-    """Decode one shard's clips in parallel (ffmpeg runs out of process, so threads suffice)."""
+                  frame_max_side: int, pool: ThreadPoolExecutor | None, bar) -> tuple[list[ClipResult], pd.DataFrame]:
+    """Decode one shard's clips, in parallel on ``pool`` (ffmpeg runs out of process, so
+    threads suffice) or, without one, one after another."""
     def one(row) -> ClipResult:
         result = extract_clip(row.clip_id, clips_dir / Path(row.path).name, frames_per_clip,
                               sample_rate, frame_max_side)
         bar.update(1)
         return result
 
-    results = list(pool.map(one, rows.itertuples(index=False)))
+    results = list((pool.map if pool is not None else map)(one, rows.itertuples(index=False)))
     table = pd.DataFrame({
         "clip_id": rows["clip_id"].values,
         "youtube_id": rows["youtube_id"].values,
@@ -68,9 +77,28 @@ def extract_shard(rows: pd.DataFrame, clips_dir: Path, frames_per_clip: int, sam
     return results, table
 
 
+def write_extract_shard(rows: pd.DataFrame, clips_dir: Path, out_dir: Path, shard: str, frames_per_clip: int,
+                        sample_rate: int, frame_max_side: int, pool: ThreadPoolExecutor | None, bar) -> pd.DataFrame:
+    """One whole shard: its clips decoded, the npz of those that worked, then its table
+    (last and atomic: marks the shard done). Returns the table."""
+    results, table = extract_shard(rows, clips_dir, frames_per_clip, sample_rate, frame_max_side, pool, bar)
+    good = [r for r in results if r.status == OK]
+    with atomic_path(Path(out_dir) / f"{shard}.npz") as tmp:
+        extracted.save_shard(tmp, [r.clip_id for r in good], [r.audio for r in good],
+                             [r.frames for r in good], sample_rate)
+    shards.write_shard_table(out_dir, shard, table)  # last: marks the shard done
+    return table
+
+
 def run_extract(download_manifest: Path, clips_dir: Path, out_dir: Path, frames_per_clip: int,
-                sample_rate: int, frame_max_side: int, shard_size: int, workers: int) -> pd.DataFrame:
-    """All shards; finished shards from an earlier run are kept. Returns the manifest."""
+                sample_rate: int, frame_max_side: int, shard_size: int, workers: int,
+                engine: str = "local", cluster_address: str | None = None) -> pd.DataFrame:
+    """All shards; finished shards from an earlier run are kept. Returns the manifest.
+
+    ``engine``/``cluster_address``: where the shards run (speech2face.engine); they change
+    how fast, not what, so the config that guards finished shards leaves them out.
+    """
+    engines.check_engine("extract", engine, cluster_address)
     summary = StageSummary("extract")
     shards.reset_if_config_changed(out_dir, {
         "frames_per_clip": frames_per_clip, "sample_rate": sample_rate,
@@ -84,29 +112,42 @@ def run_extract(download_manifest: Path, clips_dir: Path, out_dir: Path, frames_
     shards.remove_unplanned(out_dir, [name for name, _ in plan])
     by_id = ok_rows.set_index("clip_id", drop=False)
 
-    tables = []
-    with ThreadPoolExecutor(max_workers=workers) as pool, \
-            progress(None, "extract", total=len(ok_rows)) as bar:
+    tables: dict[str, pd.DataFrame] = {}
+    pending = {}
+    with contextlib.ExitStack() as stack:
+        bar = stack.enter_context(progress(None, "extract", total=len(ok_rows)))
+        executor = pool = None
         for name, clip_ids in plan:
             table = shards.finished_table(out_dir, name, clip_ids)
             if table is not None and (out_dir / f"{name}.npz").exists():
                 summary.reuse(len(table))
                 bar.update(len(table))
-            else:
-                results, table = extract_shard(by_id.loc[clip_ids], clips_dir, frames_per_clip,
-                                               sample_rate, frame_max_side, pool, bar)
-                good = [r for r in results if r.status == OK]
-                with atomic_path(out_dir / f"{name}.npz") as tmp:
-                    extracted.save_shard(tmp, [r.clip_id for r in good], [r.audio for r in good],
-                                         [r.frames for r in good], sample_rate)
-                shards.write_shard_table(out_dir, name, table)  # last: marks the shard done
-                summary.add_statuses(zip(table["status"], table["reason"]))
-            tables.append(table.assign(shard=name))
+                tables[name] = table
+                continue
+            if executor is None:   # started only when there is work: a LocalCluster takes seconds
+                first_clip = Path(clips_dir) / Path(by_id.loc[clip_ids[0], "path"]).name
+                executor = stack.enter_context(engines.make_executor(
+                    engine, cluster_address, workers, shared=[out_dir, first_clip]))
+                if executor.in_process:
+                    pool = stack.enter_context(ThreadPoolExecutor(max_workers=workers))
+            here = executor.in_process
+            pending[name] = executor.submit(
+                write_extract_shard, by_id.loc[clip_ids], Path(clips_dir) if here else Path(clips_dir).resolve(),
+                Path(out_dir) if here else Path(out_dir).resolve(), name, frames_per_clip, sample_rate,
+                frame_max_side, pool, engines.progress_for_task(executor, bar))
+
+        def finished(name: str, table: pd.DataFrame) -> None:
+            if not executor.in_process:
+                bar.update(len(table))
+            summary.add_statuses(zip(table["status"], table["reason"]))
+            tables[name] = table
+
+        engines.collect(pending, finished)
     if upstream_failed:
         summary.skip("download_failed", upstream_failed)
-    result = pd.concat(tables, ignore_index=True) if tables else pd.DataFrame(
-        columns=["clip_id", "youtube_id", "x", "y", "status", "reason", "audio_seconds", "n_frames",
-                 "width", "height", "shard"])
+    result = (pd.concat([tables[name].assign(shard=name) for name, _ in plan], ignore_index=True) if plan
+              else pd.DataFrame(columns=["clip_id", "youtube_id", "x", "y", "status", "reason", "audio_seconds",
+                                         "n_frames", "width", "height", "shard"]))
     write_table(result, out_dir / "index.csv")
     summary.print()
     return result

@@ -69,3 +69,29 @@ def get_str(p: dict, section: str, key: str) -> str:
     value = p.get(key)
     check(isinstance(value, str) and value != "", section, key, value, "a non-empty string")
     return value
+
+
+def dataclass_from_params(cls, section: str, p: dict, choices: dict[str, Iterable[str]] | None = None,
+                          positive: Iterable[str] = ()):
+    """A config dataclass from a params section: each key present must have the type of the
+    field's default (an int is accepted for a float), numbers must be >= 0 (> 0 for the
+    ``positive`` fields) and strings one of ``choices[key]``; unknown keys are refused."""
+    from dataclasses import fields
+
+    config = cls()
+    names = {f.name for f in fields(cls)}
+    unknown = sorted(set(p) - names)
+    check(not unknown, section, unknown[0] if unknown else "", None, f"a known key (one of {sorted(names)})")
+    for name, value in p.items():
+        kind = type(getattr(config, name))
+        if kind is str:
+            get_choice(p, section, name, (choices or {}).get(name, ()))
+        else:
+            ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+            check(ok and (kind is float or isinstance(value, int)), section, name, value, f"a {kind.__name__}")
+            minimum = 0
+            check(value > minimum if name in positive else value >= minimum, section, name, value,
+                  f"a number {'>' if name in positive else '>='} 0")
+            value = kind(value)
+        setattr(config, name, value)
+    return config

@@ -50,6 +50,7 @@ class EncoderConfig:
     loader_workers: int = 0
     augment: int = 1          # 1: random time roll of each training spectrogram
     input_mode: str = "complex"  # models.INPUT_MODES
+    processes: int = 1        # DDP processes (dvc.yaml runs torchrun with this many)
 
 
 @dataclass

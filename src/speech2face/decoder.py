@@ -1,0 +1,168 @@
+"""Face decoder (Cole et al., CVPR 2017): face feature -> frontal face image.
+
+    feature --fc+ReLU--> h (1000)      <- f_dec, the layer the encoder's loss compares
+    h --MLP--> landmarks (68 x 2, fractions of the image side)
+    h --fc--> 14x14xC0 --[convT k5 s2, ReLU]x4--> 224x224xC4 --1x1 conv--> texture (RGB)
+    image = sparse_image_warp(texture, from the mean landmarks to the predicted landmarks)
+
+The texture is registered to the mean face geometry (every training target is its face
+warped to the mean landmarks), so the convolutional branch only has to paint appearance and
+the landmark branch carries the shape; the differentiable spline warp puts them together.
+Inputs are rescaled to the training features' mean length, then standardised with their
+mean and std (buffers).
+
+Channels: C_i = max(256 / 2**i, 32) (Cole et al.), all multiplied by ``width`` so a CPU can
+train it (width 1 is the paper's size). Both outputs are residuals around the training
+means (``mean_texture``, ``mean_landmarks``, buffers saved with the weights): on a few
+hundred faces the network then starts from the average face instead of grey noise.
+"""
+
+from __future__ import annotations
+
+import json
+import pickle
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .fsutil import atomic_path
+from .warp import sparse_image_warp
+
+TEXTURE_GRID = 14
+N_LANDMARKS = 68
+SHARED_UNITS = 1000
+LANDMARK_HIDDEN = 800
+UPSAMPLINGS = 4          # 14 -> 28 -> 56 -> 112 -> 224
+# The warp's spline is evaluated on a 57 x 57 grid and resampled to 224 x 224: 1/16 of the
+# work, within 0.01 px of the exact flow on average, 0.4 px at worst next to a landmark
+# (tests/test_warp.py); the exact flow made the warp 80% of a training step.
+FLOW_GRID = 57
+
+
+class DecoderError(ValueError):
+    """A decoder cannot be loaded (missing files, wrong shapes)."""
+
+
+def decoder_channels(width: float) -> list[int]:
+    """Channels after the fc layer and after each transposed convolution."""
+    return [max(1, round(max(256 / 2 ** i, 32) * width)) for i in range(UPSAMPLINGS + 1)]
+
+
+class FaceDecoder(nn.Module):
+    def __init__(self, in_dim: int = 128, width: float = 1.0, image_size: int = 224,
+                 mean_landmarks: torch.Tensor | None = None, mean_texture: torch.Tensor | None = None,
+                 feature_mean: torch.Tensor | None = None, feature_std: torch.Tensor | None = None,
+                 feature_norm: float = 0.0, shared_units: int = SHARED_UNITS):
+        super().__init__()
+        if image_size != TEXTURE_GRID * 2 ** UPSAMPLINGS:
+            raise ValueError(f"image_size must be {TEXTURE_GRID * 2 ** UPSAMPLINGS}, got {image_size}")
+        self.in_dim, self.width, self.image_size = in_dim, width, image_size
+        channels = decoder_channels(width)
+        self.shared = nn.Sequential(nn.Linear(in_dim, shared_units), nn.ReLU())
+        hidden = max(16, round(LANDMARK_HIDDEN * width))
+        self.landmark_mlp = nn.Sequential(nn.Linear(shared_units, hidden), nn.ReLU(),
+                                          nn.Linear(hidden, N_LANDMARKS * 2))
+        self.texture_fc = nn.Linear(shared_units, TEXTURE_GRID * TEXTURE_GRID * channels[0])
+        layers: list[nn.Module] = []
+        for c_in, c_out in zip(channels[:-1], channels[1:]):
+            layers += [nn.ReLU(), nn.ConvTranspose2d(c_in, c_out, kernel_size=5, stride=2, padding=2,
+                                                     output_padding=1)]
+        layers += [nn.ReLU(), nn.Conv2d(channels[-1], 3, kernel_size=1)]
+        self.texture_convs = nn.Sequential(*layers)
+        self.channels = channels
+        # small last layers: the first outputs are the means themselves. The std is divided
+        # by sqrt(fan_in) so an output's spread (std * sqrt(fan_in) * activation size) does not
+        # grow with the width: a fixed 1e-3 moved the first landmarks by up to 3.5 px at width 1
+        # (800 hidden units), 0.1 px now. Not zero, so gradients reach the earlier layers.
+        for last in (self.landmark_mlp[-1], self.texture_convs[-1]):
+            fan_in = last.weight[0].numel()
+            nn.init.normal_(last.weight, std=1e-3 / fan_in ** 0.5)
+            nn.init.zeros_(last.bias)
+        # Input standardisation (training mean and std per dimension): face embeddings of
+        # different people share most of their direction (dlib: cosine ~0.9), so raw inputs
+        # hardly differ and the decoder would learn only the mean face.
+        # Input length (> 0: every input is rescaled to this norm, the training features' mean
+        # norm, before standardisation). The encoder's default loss (normalised L2) fixes the
+        # direction of its prediction but not its length, and dlib embeddings of faces all
+        # have about the same length (~1.4 for dlib128, std ~2%): the decoder reads the
+        # direction, so a voice prediction of any scale decodes to a face, not a saturated
+        # blur. 0 = inputs used as they are.
+        self.register_buffer("feature_norm", torch.tensor(float(feature_norm)))
+        self.register_buffer("feature_mean", torch.zeros(in_dim) if feature_mean is None
+                             else feature_mean.detach().clone().float())
+        self.register_buffer("feature_std", torch.ones(in_dim) if feature_std is None
+                             else feature_std.detach().clone().float().clamp_min(1e-6))
+        self.register_buffer("mean_landmarks", torch.full((N_LANDMARKS, 2), 0.5) if mean_landmarks is None
+                             else mean_landmarks.detach().clone().float())
+        self.register_buffer("mean_texture", torch.full((3, image_size, image_size), 0.5) if mean_texture is None
+                             else mean_texture.detach().clone().float())
+
+    def f_dec(self, features: torch.Tensor) -> torch.Tensor:
+        """The shared first layer (feature -> 1000, ReLU), used by the encoder's loss."""
+        if self.feature_norm > 0:
+            features = F.normalize(features, dim=-1) * self.feature_norm
+        return self.shared((features - self.feature_mean) / self.feature_std)
+
+    def forward(self, features: torch.Tensor) -> dict[str, torch.Tensor]:
+        """features (B, in_dim) -> texture (B,3,S,S) at the mean geometry, landmarks (B,68,2)
+        as fractions of S, image (B,3,S,S); colours in [0, 1] (not clamped: the losses see
+        the raw values, ``to_uint8`` clamps)."""
+        h = self.f_dec(features)
+        landmarks = self.mean_landmarks + self.landmark_mlp(h).view(-1, N_LANDMARKS, 2)
+        grid = self.texture_fc(h).view(-1, self.channels[0], TEXTURE_GRID, TEXTURE_GRID)
+        texture = self.mean_texture + self.texture_convs(grid)
+        image = self.warp_to(texture, landmarks)
+        return {"texture": texture, "landmarks": landmarks, "image": image}
+
+    def warp_to(self, texture: torch.Tensor, landmarks: torch.Tensor) -> torch.Tensor:
+        """Move the mean-geometry texture so its landmarks land on ``landmarks``."""
+        scale = self.image_size - 1
+        source = (self.mean_landmarks * scale).expand_as(landmarks)
+        warped, _ = sparse_image_warp(texture, source, landmarks * scale, flow_grid=FLOW_GRID)
+        return warped
+
+
+def to_uint8(images: torch.Tensor) -> "np.ndarray":  # noqa: F821
+    """(B,3,S,S) float in [0,1] -> (B,S,S,3) uint8."""
+    return (images.detach().clamp(0, 1) * 255).round().byte().permute(0, 2, 3, 1).cpu().numpy()
+
+
+def save_decoder(model: FaceDecoder, path: Path) -> None:
+    meta = {"in_dim": model.in_dim, "width": model.width, "image_size": model.image_size}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(path) as tmp:
+        torch.save(model.state_dict(), tmp)
+    path.with_suffix(".json").write_text(json.dumps(meta, indent=2) + "\n")
+
+
+def load_decoder(path: str | Path, device: str | torch.device = "cpu") -> FaceDecoder:
+    path = Path(path)
+    meta_path = path.with_suffix(".json")
+    if not path.exists() or not meta_path.exists():
+        raise DecoderError(f"face decoder {path} (and {meta_path.name}) not found: "
+                           f"train it with `dvc repro train_decoder`")
+    try:
+        meta = json.loads(meta_path.read_text())
+        model = FaceDecoder(in_dim=meta["in_dim"], width=meta["width"], image_size=meta["image_size"])
+    except (ValueError, KeyError, TypeError) as error:   # JSONDecodeError is a ValueError
+        raise DecoderError(f"face decoder settings {meta_path} are unusable: {_first_line(error)}") from None
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, EOFError, RuntimeError) as error:
+        raise DecoderError(f"face decoder {path} is not a readable state dict: {_first_line(error)}") from None
+    try:
+        model.load_state_dict(state)
+    except (RuntimeError, KeyError, TypeError) as error:   # TypeError: not a dict
+        raise DecoderError(f"face decoder {path} does not match {meta_path.name}: {_first_line(error)}") from None
+    return model.to(device).eval()
+
+
+def _first_line(error: BaseException) -> str:
+    """The first informative line of an error: torch's load_state_dict opens with a generic
+    "Error(s) in loading state_dict for ...:" and lists what mismatched on the next lines."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    if len(lines) > 1 and lines[0].startswith("Error(s) in loading state_dict"):
+        lines = lines[1:]
+    return (lines[0] if lines else type(error).__name__)[:300]

@@ -1,0 +1,95 @@
+"""Any voice recording -> a face image, with the trained encoder and decoder.
+
+The recording (any file ffmpeg reads: any rate, length, channel count) is decoded to 16 kHz
+mono, cut into consecutive windows of the encoder's training length (``spectrogram.seconds``,
+6 s by default; a shorter recording is looped to fill one window, as in training), each window
+becomes a spectrogram with the training settings, and the encoder's features of the windows
+are averaged (up to ``max_windows`` evenly spread windows: one voice, one face). The decoder
+turns the mean feature into the face.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .audio import SpectrogramSettings, spectrogram_batch
+from .decoder import FaceDecoder, to_uint8
+from .media import MediaError, decode_audio, probe
+from .models import VoiceEncoder
+
+
+class VoiceError(ValueError):
+    """The recording cannot be used (missing, no audio stream, unreadable, empty, silent)."""
+
+
+@dataclass
+class Prediction:
+    image: np.ndarray           # (S, S, 3) uint8
+    feature: np.ndarray         # (dim,) predicted face feature
+    landmarks: np.ndarray       # (68, 2) pixels
+    windows: int                # how many windows were averaged
+    seconds: float              # length of the recording
+
+
+def _ffmpeg_reason(error: MediaError, path: Path) -> str:
+    """ffmpeg's last line without the file name it starts with (the message already has it)."""
+    detail = error.detail or error.reason
+    prefix = f"{path}: "
+    return detail[len(prefix):] if detail.startswith(prefix) else detail
+
+
+def load_voice(path: str | Path, sample_rate: int) -> np.ndarray:
+    """float32 mono samples in [-1, 1) at ``sample_rate``; ``VoiceError`` with one line when
+    unusable. Decoded exactly as the extract stage decodes training clips (ffmpeg, first audio
+    stream, ``ac=1`` = mean of the channels, ``ar`` = ffmpeg's default resampler), so a
+    recording reaches the encoder as the training audio did."""
+    path = Path(path)
+    if not path.is_file():
+        raise VoiceError(f"{path}: no such file")
+    try:
+        info = probe(path)
+    except MediaError as error:
+        raise VoiceError(f"{path}: not a media file ffmpeg can read ({_ffmpeg_reason(error, path)})") from None
+    if not info.has_audio:
+        raise VoiceError(f"{path}: has no audio stream")
+    try:
+        samples = decode_audio(path, sample_rate)
+    except MediaError as error:
+        raise VoiceError(f"{path}: audio cannot be decoded ({_ffmpeg_reason(error, path)})") from None
+    if not len(samples):   # e.g. a valid header followed by corrupt frames
+        raise VoiceError(f"{path}: no audio could be decoded (empty or corrupt audio stream)")
+    if not np.any(samples):
+        raise VoiceError(f"{path}: the audio is silent")
+    return samples.astype(np.float32) / 32768.0
+
+
+def windows(samples: np.ndarray, n: int, max_windows: int) -> list[np.ndarray]:
+    """Consecutive n-sample windows (evenly spread when there are more than max_windows);
+    audio shorter than one window is returned whole (looped later)."""
+    count = len(samples) // n
+    if count <= 1:
+        return [samples]
+    starts = np.linspace(0, (count - 1) * n, min(count, max_windows)).round().astype(int)
+    return [samples[s:s + n] for s in starts]
+
+
+def predict_face(path: str | Path, encoder: VoiceEncoder, decoder: FaceDecoder,
+                 settings: SpectrogramSettings, max_windows: int = 8) -> Prediction:
+    samples = load_voice(path, settings.sample_rate)
+    chunks = windows(samples, settings.n_samples, max_windows)
+    spectrograms = torch.from_numpy(spectrogram_batch(chunks, settings))
+    if spectrograms.shape[-2] != encoder.n_freq:
+        raise VoiceError(f"the encoder expects {encoder.n_freq} frequencies, the spectrogram settings give "
+                         f"{spectrograms.shape[-2]}")
+    encoder.eval()
+    decoder.eval()
+    with torch.no_grad():
+        feature = encoder(spectrograms).float().mean(dim=0, keepdim=True)
+        output = decoder(feature)
+    return Prediction(image=to_uint8(output["image"])[0], feature=feature[0].numpy(),
+                      landmarks=output["landmarks"][0].numpy() * (decoder.image_size - 1),
+                      windows=len(chunks), seconds=len(samples) / settings.sample_rate)
