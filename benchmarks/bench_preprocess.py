@@ -196,13 +196,11 @@ def measure(limit: int | None = 32, workers: list[int] | None = None, from_sampl
         n = len(read_table(manifest))
         result.update({"clips": n, "clip_source": origin,
                        "frames_per_clip": load_section("extract", ROOT / "params.yaml")["frames_per_clip"]})
-        quiet_ctx = (lambda: contextlib.ExitStack()) if not quiet else (
-            lambda: _silenced())
         runs = [("naive", lambda: run_naive(manifest, clips_dir, tmp / "naive"))]
         runs += [(f"pipeline, {w} worker{'s' if w > 1 else ''}",
                   (lambda w=w: run_pipeline(manifest, clips_dir, w, tmp / f"w{w}"))) for w in workers]
         for name, fn in runs:
-            with quiet_ctx():
+            with _silenced() if quiet else contextlib.nullcontext():  # the stages' progress bars
                 seconds = fn()
             found = seconds.pop("faces_found")
             seconds["total"] = sum(seconds[s] for s in STEPS)
@@ -214,6 +212,7 @@ def measure(limit: int | None = 32, workers: list[int] | None = None, from_sampl
 
 @contextlib.contextmanager
 def _silenced():
+    """Stages print progress bars and summaries; in a benchmark run they are noise."""
     with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
         yield
 

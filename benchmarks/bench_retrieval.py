@@ -196,7 +196,8 @@ def figures_of(row: dict) -> list[dict]:
         t, old_t = row["top_k_streamed"], row["top_k"]
         out.append(figure(f"top-{t['k']}, streamed, {size}", t["queries_per_second"], "queries/s",
                           f"existing top_k ({old_t['queries']} queries)", old_t["queries_per_second"], "higher",
-                          f"{row['queries']} queries in {t['seconds']:.2f} s, peak +{t['memory']['peak_extra_mb']:.0f} MB"))
+                          f"{row['queries']} queries in {t['seconds']:.2f} s, "
+                          f"peak +{t['memory']['peak_extra_mb']:.0f} MB"))
     return out
 
 

@@ -2,9 +2,11 @@
 
     .venv/bin/python benchmarks/bench_spectrogram.py [--clips 128] [--batch 32] [--threads 2]
 
-``measure()`` is what benchmarks/run_all.py calls. Both sides compute a 6 s clip's STFT (400/160/512) and compress re/im with |x|^0.3; librosa
-frames differently (597 frames, see audio.py), which does not change its cost. Ratios are
-against the librosa figure measured in the same run.
+``measure()`` is what benchmarks/run_all.py calls. Both sides compute a 6 s clip's STFT
+(400/160/512) and compress re/im with |x|^0.3; librosa frames differently (597 frames,
+see audio.py), which does not change its cost. Ratios are against the librosa figure
+measured in the same run. torch's threads slow down badly when other processes hold the
+cores (the figures swing with the machine's load; run_all.py records it).
 """
 
 from __future__ import annotations

@@ -13,8 +13,8 @@ Peak memory on the CPU is the resident-set high-water mark (VmHWM). Linux resets
 "5" is written to /proc/self/clear_refs, which gives a per-measurement peak inside one
 process; where that is not allowed, the process-lifetime ``ru_maxrss`` is used and the
 measurement says so. Freed heap memory is handed back to the OS first (malloc_trim), so
-what an earlier measurement freed does not hide this one's allocations. On CUDA it is ``torch.cuda.max_memory_allocated`` (reset per
-measurement).
+what an earlier measurement freed does not hide this one's allocations. On CUDA it is
+``torch.cuda.max_memory_allocated`` (reset per measurement).
 """
 
 from __future__ import annotations

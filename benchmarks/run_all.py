@@ -30,9 +30,7 @@ about 10-15 minutes on a 2-core CPU.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import datetime
-import io
 import json
 import math
 import os
