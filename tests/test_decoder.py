@@ -26,14 +26,7 @@ SIZE = 224
 SCALE = SIZE - 1          # pixel of a landmark fraction f is f * (SIZE - 1)
 LANDMARKS_FILE = Path(__file__).parent / "data" / "face_landmarks.npy"
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """One thread: steady timings on shared 2-core machines."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

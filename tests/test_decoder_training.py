@@ -33,7 +33,8 @@ from speech2face.training import TrainingError, best_epoch
 
 ROOT = Path(__file__).resolve().parents[1]
 FACES = ROOT.parent / "shared" / "media" / "faces"
-pytestmark = pytest.mark.skipif(not FACES.is_dir(), reason=f"real media folder {FACES} absent")
+pytestmark = [pytest.mark.usefixtures("one_torch_thread"),
+              pytest.mark.skipif(not FACES.is_dir(), reason=f"real media folder {FACES} absent")]
 
 SIZE = 224
 SCALE = SIZE - 1
@@ -53,15 +54,6 @@ class PhotoFace:
     crop: np.ndarray          # (224, 224, 3) uint8 aligned
     landmarks: np.ndarray     # (68, 2) float32 crop pixels
     feature: np.ndarray       # (128,) float32 dlib128 of the original photo
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """One thread: steady timings on shared 2-core machines."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

@@ -36,6 +36,8 @@ CROPS = REPO / "data" / "faces" / "crops-00000.npy"
 CROP_LANDMARKS = REPO / "data" / "faces" / "landmarks-00000.npy"
 N_CROPS = 8
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 
 def _shape(landmarks: np.ndarray):
     """A dlib full_object_detection (it stores landmarks as integers)."""
@@ -45,16 +47,6 @@ def _shape(landmarks: np.ndarray):
 
 def _as_tensor_image(image: np.ndarray, dtype=torch.float32) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)[None].to(dtype)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """oneDNN convolutions on 2 threads slow down 10-50x when another process holds a core
-    (measured on this project's shared 2-core machines); one thread is steady."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

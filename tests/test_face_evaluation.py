@@ -29,13 +29,7 @@ needs_media = pytest.mark.skipif(not FACES.is_dir(), reason=f"real media folder 
 SIZE = 224
 PHOTOS = {"obama": "obama.jpg", "biden": "biden.jpg", "collins": "astronaut.png"}
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
