@@ -158,6 +158,33 @@ def endless_batches(pairs: Pairs, batch: int, seed: int):
         yield from loader
 
 
+class Float32PairDataset(PairDataset):
+    """The loader as it was: each spectrogram converted to float32 inside the loader."""
+
+    def __getitem__(self, i: int):
+        spectrogram, feature = super().__getitem__(i)
+        return spectrogram.float(), feature
+
+
+def loader_throughput(pairs: Pairs, batch: int, workers: int, float32_in_loader: bool,
+                      samples: int = 400) -> float:
+    """Samples/s the training DataLoader delivers (shuffled, time roll on), no model."""
+    dataset = (Float32PairDataset if float32_in_loader else PairDataset)(pairs, augment=True)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch, shuffle=True, drop_last=True,
+                                         num_workers=workers, persistent_workers=workers > 0,
+                                         generator=torch.Generator().manual_seed(0))
+    seen, start = 0, None
+    while seen < samples:
+        for spectrogram, _ in loader:
+            if start is None:   # the first batch pays for starting the workers
+                start = time.perf_counter()
+                continue
+            seen += len(spectrogram)
+            if seen >= samples:
+                break
+    return seen / (time.perf_counter() - start)
+
+
 # ------------------------------------------------------------------------ training
 
 def run_training(pairs: Pairs, device: torch.device, batch: int, steps: int, frames: int,
@@ -179,7 +206,7 @@ def run_training(pairs: Pairs, device: torch.device, batch: int, steps: int, fra
         batches = endless_batches(pairs, batch, seed)
 
         def step(spectrogram: torch.Tensor, feature: torch.Tensor) -> None:
-            spectrogram = spectrogram[:, :frames].to(device, non_blocking=True)
+            spectrogram = spectrogram[:, :frames].to(device, non_blocking=True).float()
             feature = feature.to(device)
             with autocast:
                 predicted = forward(spectrogram)
@@ -282,7 +309,7 @@ def measure(quick: bool = False, batch: int | None = None, steps: int | None = N
     analytic = analytic_flops(batch, frames)
     result["analytic_flops_per_step"] = analytic
     with tempfile.TemporaryDirectory(prefix="s2f-bench-train-") as tmp:
-        pairs, origin = training_pairs(batch, Path(tmp))  # the loader cycles through them
+        pairs, origin = training_pairs(max(batch, 64), Path(tmp))  # the loader cycles through them
         result["data"] = origin
         fp32 = run_training(pairs, device, batch, steps, frames, warmup=warmup)
         result["fp32"] = fp32
@@ -304,6 +331,15 @@ def measure(quick: bool = False, batch: int | None = None, steps: int | None = N
         figures.append(figure("data wait per step (PairDataset over memory-mapped shards)",
                               fp32["mean_data_wait_seconds"] * 1e3, "ms", "training step time",
                               fp32["mean_step_seconds"] * 1e3, "lower", "ratio = share of the step spent waiting"))
+
+        for workers in (0, 2):
+            loader_batch = 8   # the paper's batch
+            stored = loader_throughput(pairs, loader_batch, workers, float32_in_loader=False, samples=80 if quick else 400)
+            as_float32 = loader_throughput(pairs, loader_batch, workers, float32_in_loader=True,
+                                           samples=80 if quick else 400)
+            figures.append(figure(f"training data loader, {workers} worker processes, batch {loader_batch}",
+                                  stored, "samples/s", "the same loader converting to float32 itself",
+                                  as_float32, "higher", "float16 as stored, converted on the device"))
 
         if gpu:
             bf16 = run_training(pairs, device, batch, steps, frames, bf16=True, warmup=warmup, count_flops=False)

@@ -9,7 +9,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 import pandas as pd  # noqa: E402
 
-from speech2face.download import DEFAULT_FORMAT, run_download  # noqa: E402
+from speech2face.download import DEFAULT_FORMAT, read_cookies, run_download  # noqa: E402
 from speech2face.params import ParamsError, check, get_bool, get_float, get_int, get_str, load_section  # noqa: E402
 
 SECTION = "download"
@@ -19,10 +19,27 @@ URL_SCHEMES = ("http://", "https://", "file://")
 def run(csv_path: str | Path, out_dir: str | Path, manifest_path: str | Path, url_template: str,
         root: str | Path, allow_file_urls: bool, limit: int | None, workers: int, retries: int,
         backoff_seconds: float, timeout_seconds: float, min_seconds: float,
-        format_selector: str = DEFAULT_FORMAT) -> pd.DataFrame:
+        format_selector: str = DEFAULT_FORMAT, cookies: str | Path | None = None,
+        sleep_seconds: float = 0.0) -> pd.DataFrame:
     """Download every row's segment; returns the manifest (also written to ``manifest_path``)."""
     return run_download(csv_path, out_dir, manifest_path, url_template, root, allow_file_urls, limit,
-                        workers, retries, backoff_seconds, timeout_seconds, min_seconds, format_selector)
+                        workers, retries, backoff_seconds, timeout_seconds, min_seconds, format_selector,
+                        cookies=cookies, sleep_seconds=sleep_seconds)
+
+
+def _cookies(p: dict) -> str | None:
+    """``cookies``: null, or a readable Netscape cookies.txt with at least one cookie."""
+    value = p.get("cookies")
+    if value is None:
+        return None
+    check(isinstance(value, str) and value != "", SECTION, "cookies", value, "null or the path of a cookies.txt file")
+    path = Path(value).expanduser()
+    check(path.is_file(), SECTION, "cookies", value, "null or an existing cookies.txt file")
+    try:
+        read_cookies(path)
+    except ValueError as error:
+        check(False, SECTION, "cookies", value, f"a Netscape cookies.txt file ({error})")
+    return str(path)
 
 
 def read_params(p: dict) -> dict:
@@ -43,6 +60,10 @@ def read_params(p: dict) -> dict:
         "timeout_seconds": get_float(p, SECTION, "timeout_seconds", minimum=0.1),
         "min_seconds": get_float(p, SECTION, "min_seconds", minimum=0.0),
         "format_selector": get_str(p, SECTION, "format") if "format" in p else DEFAULT_FORMAT,
+        # both optional: a params.yaml without them downloads as before (no cookies, no pause)
+        "cookies": _cookies(p),
+        "sleep_seconds": (get_float(p, SECTION, "sleep_seconds", minimum=0.0, maximum=600.0)
+                          if "sleep_seconds" in p else 0.0),
     }
 
 

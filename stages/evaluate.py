@@ -15,9 +15,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 import numpy as np  # noqa: E402
 
 from speech2face import evaluation, retrieval, tracking  # noqa: E402
-from speech2face.decoder import DecoderError, load_decoder  # noqa: E402
+from speech2face.decoder import load_decoder  # noqa: E402
 from speech2face.decoder_training import face_grid  # noqa: E402
 from speech2face.encoder_io import load_encoder  # noqa: E402
+from speech2face.model_files import ModelFileError  # noqa: E402
 from speech2face.face_backends import BackendError, make_backend  # noqa: E402
 from speech2face.face_evaluation import evaluate_decoded_faces  # noqa: E402
 from speech2face.faces import FaceAnalyzer  # noqa: E402
@@ -157,5 +158,5 @@ def main() -> None:
 if __name__ == "__main__":
     try:
         main()
-    except (ParamsError, FileNotFoundError, DecoderError, BackendError) as error:
+    except (ParamsError, FileNotFoundError, ModelFileError, BackendError) as error:
         sys.exit(f"evaluate: {error}")

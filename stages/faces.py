@@ -352,17 +352,11 @@ def run(extract_dir: Path, out_dir: Path, detector: str = "hog", upsample: int =
                 weights = str(Path(vggface_weights).resolve()) if vggface_weights else None
                 pending[name] = executor.submit(_shard_on_worker, npz_path.resolve(), out_dir.resolve(), name, rows,
                                                 settings, backend, weights, backend_class.dim, crop_size)
-
-        def finished(name: str, result: tuple[pd.DataFrame, dict[str, float]]) -> None:
-            table, seconds = result
-            if not executor.in_process:
-                bar.update(len(table))
-            for key, value in seconds.items():
-                timings[key] = timings.get(key, 0.0) + value
-            summary.add_statuses(zip(table["status"], table["reason"]))
-            tables[name] = table
-
-        engines.collect(pending, finished)
+        results = engines.collect_shard_tables(pending, executor, bar, summary, tables,
+                                               table_of=lambda result: result[0])
+    for _, seconds in results.values():   # results: (table, seconds per step) per shard
+        for key, value in seconds.items():
+            timings[key] = timings.get(key, 0.0) + value
 
     index = (pd.concat([tables[name].assign(shard=name) for name, _ in plan], ignore_index=True) if plan
              else pd.DataFrame(columns=TABLE_COLUMNS + ["shard"]))

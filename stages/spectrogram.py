@@ -163,14 +163,7 @@ def run(extract_dir: Path, out_dir: Path, seconds: float, sample_rate: int, wind
                 pending[name] = executor.submit(
                     compute_shard, npz_path if here else npz_path.resolve(), out_dir if here else out_dir.resolve(),
                     name, clip_ids, settings, storage_dtype, batch_size, engines.progress_for_task(executor, bar))
-
-            def finished(name: str, table: pd.DataFrame) -> None:
-                if not executor.in_process:
-                    bar.update(len(table))
-                summary.add_statuses(zip(table["status"], table["reason"]))
-                tables[name] = table
-
-            engines.collect(pending, finished)
+            engines.collect_shard_tables(pending, executor, bar, summary, tables)
     finally:
         torch.set_num_threads(threads_before)
 

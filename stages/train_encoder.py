@@ -13,7 +13,6 @@ import hashlib
 import json
 import os
 import sys
-from dataclasses import fields
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
@@ -25,12 +24,12 @@ from speech2face import models as models_module  # noqa: E402
 from speech2face import pairs as pairs_module  # noqa: E402
 from speech2face import shards, tracking  # noqa: E402
 from speech2face import training as training_module  # noqa: E402
-from speech2face.decoder import DecoderError  # noqa: E402
 from speech2face.encoder_io import save_encoder  # noqa: E402
+from speech2face.model_files import ModelFileError  # noqa: E402
 from speech2face.losses import EncoderLoss  # noqa: E402
 from speech2face.models import INPUT_MODES  # noqa: E402
 from speech2face.pairs import load_pairs  # noqa: E402
-from speech2face.params import ParamsError, check, load_section  # noqa: E402
+from speech2face.params import ParamsError, check, dataclass_from_params, load_section  # noqa: E402
 from speech2face.training import (EncoderConfig, TrainingError, best_epoch,  # noqa: E402
                                   setup_distributed, train_encoder)
 
@@ -42,24 +41,9 @@ DECODER = Path("models/face_decoder.pt")
 
 
 def read_config(p: dict) -> EncoderConfig:
-    config = EncoderConfig()
-    for field in fields(EncoderConfig):
-        if field.name not in p:
-            continue
-        value = p[field.name]
-        kind = type(getattr(config, field.name))
-        if kind is str:
-            check(value in INPUT_MODES, SECTION, field.name, value, f"one of {list(INPUT_MODES)}")
-            setattr(config, field.name, value)
-            continue
-        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-        check(ok and (kind is float or isinstance(value, int)), SECTION, field.name, value, f"a {kind.__name__}")
-        check(value >= 0, SECTION, field.name, value, "a value >= 0")
-        setattr(config, field.name, kind(value))
-    for name in ("epochs", "batch_size", "lr_decay_steps", "processes"):
-        check(getattr(config, name) >= 1, SECTION, name, getattr(config, name), "an integer >= 1")
-    for name in ("width", "lr", "eps", "temperature"):
-        check(getattr(config, name) > 0, SECTION, name, getattr(config, name), "a number > 0")
+    config = dataclass_from_params(EncoderConfig, SECTION, p, choices={"input_mode": INPUT_MODES},
+                                   positive=("width", "epochs", "batch_size", "lr", "eps", "temperature",
+                                             "lr_decay", "lr_decay_steps", "processes"))
     check(0 < config.beta1 < 1 and 0 < config.beta2 < 1, SECTION, "beta1", config.beta1, "in (0, 1)")
     return config
 
@@ -87,11 +71,10 @@ def frozen_decoder_head():
 def run(config: EncoderConfig) -> list[dict]:
     dist_info = setup_distributed()
     pairs = load_pairs(SPECTROGRAMS, FACES)
-    # The checkpoint persists across runs for resume; it is only trusted for the same config
-    # and the same data.
+    # The checkpoint persists across runs for resume; it is trusted only for the same params,
+    # data and code (anything else starts over).
     checkpoint = CHECKPOINT_DIR / "last.pt"
     if dist_info.is_main:
-        # resumed only for the same params, data and code
         shards.reset_if_config_changed(CHECKPOINT_DIR, {
             **vars(config), "data": data_fingerprint(config),
             "code": shards.code_fingerprint(
@@ -146,5 +129,5 @@ def main() -> None:
 if __name__ == "__main__":
     try:
         main()
-    except (ParamsError, TrainingError, DecoderError) as error:
+    except (ParamsError, TrainingError, ModelFileError) as error:
         sys.exit(f"train_encoder: {error}")

@@ -6,6 +6,7 @@ misbehave on purpose, chosen by the first path segment:
   /slow/<id>.mp4      throttled body
   /drop-<k>/<id>.mp4  during the first k attempts, every Range read is cut off after a fifth of its body (RST)
   /err503-<k>/<id>.mp4  the first k attempts get HTTP 503
+  /err429-<k>/<id>.mp4  the first k attempts get HTTP 429 (a rate limit)
   /stall-<k>/<id>.mp4   during the first k attempts, Range reads get no answer for 5 s
 An "attempt" is counted from the log: yt-dlp's generic extractor opens each attempt with one
 GET without a Range header; ffmpeg's and ffprobe's reads always carry one.
@@ -28,12 +29,16 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 import yaml
+import yt_dlp
+from yt_dlp.extractor.youtube import YoutubeIE
 
+from speech2face.download import availability, availability_lines, classify_error, read_cookies
 from speech2face.media import probe
 from speech2face.params import ParamsError
-from speech2face.tables import read_table
+from speech2face.tables import read_table, write_table
 
 ROOT = Path(__file__).resolve().parents[1]
 STAGE = ROOT / "stages" / "download.py"
@@ -86,14 +91,16 @@ class _Handler(BaseHTTPRequestHandler):
         mode, name = (parts[0], parts[-1]) if len(parts) == 2 else ("", "")
         has_range = self.headers.get("Range") is not None
         attempt = self.server.record(self.command, self.path, has_range)
+        self.server.cookies.append((self.path, has_range, self.headers.get("Cookie")))
         data = self.server.videos.get(name[:-4]) if name.endswith(".mp4") else None
-        if data is None or not re.fullmatch(r"v|slow|(drop|err503|stall)-\d+", mode):
+        if data is None or not re.fullmatch(r"v|slow|(drop|err503|err429|stall)-\d+", mode):
             return self._empty(404)
         if mode.startswith("stall-") and has_range and attempt <= int(mode.split("-")[1]):
             time.sleep(5)
             return self._empty(503)
-        if mode.startswith("err503-") and not has_range and attempt <= int(mode.split("-")[1]):
-            return self._empty(503)
+        for status in (503, 429):
+            if mode.startswith(f"err{status}-") and not has_range and attempt <= int(mode.split("-")[1]):
+                return self._empty(status)
         start, end = 0, len(data) - 1
         if has_range:
             match = re.fullmatch(r"bytes=(\d*)-(\d*)", self.headers["Range"].strip())
@@ -148,6 +155,7 @@ class MediaServer(ThreadingHTTPServer):
         super().__init__(("127.0.0.1", 0), _Handler)
         self.videos = videos
         self.log: list[tuple[float, str, str, bool]] = []  # (time, method, path, has Range)
+        self.cookies: list[tuple[str, bool, str | None]] = []  # (path, has Range, Cookie header)
         self._lock = threading.Lock()
 
     def record(self, method: str, path: str, has_range: bool) -> int:
@@ -443,6 +451,205 @@ def test_malformed_duplicate_and_limit(tmp_path: Path, test_video: Path) -> None
     assert sorted(_final_clips(tmp_path / "clips")) == [again.loc[1, "clip_id"]]
 
 
+# --------------------------------------------------------------------------- YouTube's refusals
+
+class _OfflineYoutubeIE(YoutubeIE):
+    """yt-dlp's real YouTube extractor, given a player response's playabilityStatus instead of
+    fetching one: the error it raises is worded by yt-dlp's own code (reason + subreason, its
+    cookie advice, the geo-restriction error), as it would be for YouTube's answer."""
+
+    status: dict = {}
+
+    def _initial_extract(self, url, smuggled_data, webpage_url, webpage_client, video_id):
+        # (webpage, ytcfg, initial data, premium subscriber, player responses, player URL)
+        return "", {}, {}, False, [{"playabilityStatus": self.status}], None
+
+
+class _QuietLogger:
+    def debug(self, msg: str) -> None:
+        pass
+
+    info = warning = error = debug
+
+
+def _youtube_error(status: dict) -> BaseException:
+    """The exception YoutubeDL.extract_info raises for a video whose player response says ``status``."""
+    with yt_dlp.YoutubeDL({"logger": _QuietLogger(), "quiet": True, "noplaylist": True, "cachedir": False}) as ydl:
+        extractor = _OfflineYoutubeIE(ydl)
+        extractor.status = status
+        ydl.add_info_extractor(extractor)
+        with pytest.raises(yt_dlp.utils.DownloadError) as caught:
+            ydl.extract_info("https://www.youtube.com/watch?v=abcdefghijk", ie_key=extractor.ie_key())
+    return caught.value
+
+
+def _error_screen(status: str, reason: str, *subreason: str) -> dict:
+    """A playabilityStatus as YouTube sends it with an error screen (reason, subreason runs)."""
+    renderer: dict = {"reason": {"simpleText": reason}}
+    if subreason:
+        renderer["subreason"] = {"runs": [{"text": text} for text in subreason]}
+    return {"status": status, "reason": reason, "errorScreen": {"playerErrorMessageRenderer": renderer}}
+
+
+# YouTube's texts as users of yt-dlp report them; the code the manifest must give each.
+YOUTUBE_CASES = [
+    (_error_screen("ERROR", "Video unavailable", "This video is no longer available because the YouTube "
+                   "account associated with this video has been terminated."), "video_unavailable",
+     "Video unavailable. This video is no longer available because the YouTube account associated with this "
+     "video has been terminated."),
+    (_error_screen("ERROR", "Video unavailable", "This video has been removed by the uploader"),
+     "video_unavailable", "Video unavailable. This video has been removed by the uploader"),
+    (_error_screen("ERROR", "Video unavailable", "This video is no longer available due to a copyright claim "
+                   "by Some Label"), "video_unavailable",
+     "Video unavailable. This video is no longer available due to a copyright claim by Some Label"),
+    (_error_screen("ERROR", "Video unavailable"), "video_unavailable", "Video unavailable"),
+    (_error_screen("ERROR", "This video has been removed for violating YouTube's Terms of Service"),
+     "video_unavailable", "This video has been removed for violating YouTube's Terms of Service"),
+    # a private video's text asks to sign in and gets yt-dlp's cookie advice: it is still gone
+    (_error_screen("LOGIN_REQUIRED", "Private video", "Sign in if you've been granted access to this video"),
+     "video_unavailable", "Private video. Sign in if you've been granted access to this video."),
+    ({"status": "UNPLAYABLE", "reason": "Join this channel to get access to members-only content like this "
+      "video, and other exclusive perks."}, "video_unavailable",
+     "Join this channel to get access to members-only content like this video, and other exclusive perks."),
+    # YouTube writes a typographic apostrophe here
+    (_error_screen("LOGIN_REQUIRED", "Sign in to confirm you\u2019re not a bot", "This helps protect our "
+                   "community. ", "Learn more"), "bot_check", "Sign in to confirm you\u2019re not a bot."),
+    ({"status": "UNPLAYABLE", "reason": "This content isn't available, try again later."}, "bot_check",
+     "This content isn't available, try again later. The current session has been rate-limited by YouTube "
+     "for up to an hour."),
+    (_error_screen("LOGIN_REQUIRED", "Sign in to confirm your age", "This video may be inappropriate for some "
+                   "users."), "age_restricted",
+     "Sign in to confirm your age. This video may be inappropriate for some users."),
+    ({"status": "UNPLAYABLE", "reason": "This video is age-restricted and only available on YouTube."},
+     "age_restricted", "This video is age-restricted and only available on YouTube."),
+    (_error_screen("LOGIN_REQUIRED", "Please sign in"), "sign_in_required", "Please sign in."),
+    (_error_screen("UNPLAYABLE", "Video unavailable", "The uploader has not made this video available in "
+                   "your country"), "geo_restricted",
+     "The uploader has not made this video available in your country"),  # yt-dlp's GeoRestrictedError
+    (_error_screen("UNPLAYABLE", "Video unavailable", "This video contains content from SME, who has blocked "
+                   "it in your country on copyright grounds."), "geo_restricted",
+     "Video unavailable. This video contains content from SME, who has blocked it in your country on "
+     "copyright grounds."),  # a plain ExtractorError: told by its words
+]
+
+
+@pytest.mark.parametrize("status, code, message", YOUTUBE_CASES, ids=[c[1] + "-" + str(i) for i, c in
+                                                                       enumerate(YOUTUBE_CASES)])
+def test_youtube_refusals_get_stable_codes(status: dict, code: str, message: str) -> None:
+    error = _youtube_error(status)
+    failure = classify_error(error)
+    assert (failure.code, failure.message, failure.transient) == (code, message, False), str(error)
+    assert failure.reason == f"{code}: {message}"  # what the manifest's reason column holds
+
+
+def test_words_in_a_path_are_not_read_as_youtube_states(tmp_path: Path) -> None:
+    # only the site's own refusal is read for words, not a file error naming a folder
+    folder = tmp_path / "Private video - sign in to confirm your age"
+    folder.mkdir()
+    m = _run(tmp_path, ["vid0,1.0,3.0,0.5,0.5"], f"file://{folder.as_posix()}/{{id}}.mp4", allow_file_urls=True)
+    assert m.loc[1, "reason"].startswith("not_found: ")
+
+
+def test_availability_counts_videos_not_rows(tmp_path: Path) -> None:
+    rows = [  # youtube_id, status, reason, attempts
+        ("A", "ok", "", 1),
+        ("A", "ok", "reused", 0),
+        ("B", "failed", "video_unavailable: Video unavailable. This video has been removed by the uploader", 1),
+        ("B", "failed", "video_unavailable: Video unavailable. This video has been removed by the uploader", 1),
+        ("B", "skipped", "duplicate_segment: same segment as line 3", 0),
+        ("C", "failed", "video_unavailable: Private video. Sign in if you've been granted access to this video.", 1),
+        ("D", "failed", "bot_check: Sign in to confirm you're not a bot.", 1),
+        ("E", "failed", "http_429: HTTP Error 429: Too Many Requests (after 4 attempts)", 4),
+        ("E", "failed", "bot_check: Sign in to confirm you're not a bot.", 1),
+        ("F", "failed", "age_restricted: Sign in to confirm your age.", 1),
+        ("G", "failed", "too_short: segment is 0.50 s, min_seconds is 1", 0),
+        ("H", "skipped", "malformed_row: 3 fields", 0),
+        ("I", "failed", "segment_outside_video: segment 8.00-11.00 s, video is 10.00 s", 1),
+        ("K", "failed", "interrupted", 2),
+        ("L", "failed", "bot_check: Sign in to confirm you're not a bot.", 1),
+        ("L", "ok", "", 1),
+        ("M", "failed", "sign_in_required: Please sign in.", 1),
+    ]
+    table = pd.DataFrame(rows, columns=["youtube_id", "status", "reason", "attempts"])
+    write_table(table, tmp_path / "download.csv")  # as the stage writes it and the next stage reads it
+    stats = availability(read_table(tmp_path / "download.csv"))
+    # answered: A, B, C, F, I, L (ok besides its bot_check), M. Not: D, E (refused), G (never
+    # fetched), H (bad row), K (interrupted).
+    assert stats == {"videos": 7, "unavailable": 2, "clips_lost": 3,
+                     "blocked": {"bot_check": 3, "http_429": 1}, "blocked_videos": 3,
+                     "sign_in": {"age_restricted": 1, "sign_in_required": 1}}
+    assert availability_lines(stats) == [
+        "download: videos no longer available: 2 of 7 (28.6 %); clips lost with them: 3",
+        "download: YouTube refused this machine for 4 clips of 3 videos (bot_check: 3, http_429: 1): "
+        "set download.cookies / download.sleep_seconds and run again (failed rows are retried)",
+        "download: 2 clips need a signed-in YouTube account (age_restricted: 1, sign_in_required: 1): "
+        "set download.cookies",
+    ]
+    clean = availability(table[table["youtube_id"] == "A"])
+    assert availability_lines(clean) == [
+        "download: videos no longer available: 0 of 1 (0.0 %); clips lost with them: 0"]
+
+
+def test_rate_limit_is_reported_with_a_hint(media_server: MediaServer, tmp_path: Path, capsys) -> None:
+    m = _run(tmp_path, ["vid0,1.0,3.0,0.5,0.5", "vid1,1.0,3.0,0.5,0.5", "vid1,4.0,6.0,0.5,0.5"],
+             media_server.template("err429-99"), retries=1, backoff_seconds=0.05)
+    assert list(m["status"]) == ["failed"] * 3 and all(r.startswith("http_429: ") for r in m["reason"])
+    assert list(m["attempts"]) == [2, 2, 2]  # transient: retried once
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert lines[0] == ("download: YouTube refused this machine for 3 clips of 2 videos (http_429: 3): "
+                        "set download.cookies / download.sleep_seconds and run again (failed rows are retried)")
+    assert lines[-1].startswith("download: 0 done, 3 skipped (http_429: 3)")  # the summary stays last
+
+
+def _cookies_file(path: Path, value: str = "s3cret") -> Path:
+    # Netscape format: domain, include subdomains, path, https only, expires (0 = session), name, value
+    path.write_text("# Netscape HTTP Cookie File\n" f"127.0.0.1\tFALSE\t/\tFALSE\t0\tsid\t{value}\n")
+    return path
+
+
+def test_cookies_reach_the_server_and_sleep_delays_the_download(media_server: MediaServer, tmp_path: Path) -> None:
+    cookies = _cookies_file(tmp_path / "cookies.txt")
+    before = cookies.read_bytes()
+    (tmp_path / "with").mkdir()
+    m = _run(tmp_path / "with", ["vid0,1.0,3.0,0.5,0.5"], media_server.template("v"), workers=1,
+             cookies=cookies, sleep_seconds=1.5)
+    assert m.loc[1, "status"] == "ok"
+    # yt-dlp's own requests (on YouTube: the page and player API, where the bot check and the age
+    # gate are) carry the cookie. ffmpeg's reads are not checked: ffmpeg 5.1 matches a cookie's
+    # domain against "host:port", so no cookie reaches a URL with a port like this server's.
+    sent = [cookie for path, has_range, cookie in media_server.cookies if path == "/v/vid0.mp4" and not has_range]
+    assert sent == ["sid=s3cret"]
+    assert cookies.read_bytes() == before  # yt-dlp wrote its jar to a copy, not to the user's file
+
+    (tmp_path / "without").mkdir()
+    m = _run(tmp_path / "without", ["vid1,1.0,3.0,0.5,0.5"], media_server.template("v"), workers=1)
+    assert m.loc[1, "status"] == "ok"
+    assert [cookie for path, has_range, cookie in media_server.cookies
+            if path == "/v/vid1.mp4" and not has_range] == [None]
+
+    def gap(path: str) -> float:
+        """Seconds from yt-dlp's GET (extraction) to ffmpeg's first read (the download)."""
+        log = media_server.requests(path)
+        first_get = min(t for t, method, _, has_range in log if method == "GET" and not has_range)
+        return min(t for t, _, _, has_range in log if has_range) - first_get
+
+    assert gap("/v/vid0.mp4") >= 1.5 > gap("/v/vid1.mp4")
+
+
+def test_read_cookies(tmp_path: Path) -> None:
+    text = read_cookies(_cookies_file(tmp_path / "ok.txt"))
+    assert "127.0.0.1\tFALSE\t/\tFALSE\t0\tsid\ts3cret" in text
+    (tmp_path / "json.txt").write_text('[{"name": "sid", "value": "s3cret"}]\n')
+    (tmp_path / "plain.txt").write_text("sid=s3cret\n")
+    (tmp_path / "empty.txt").write_text("# Netscape HTTP Cookie File\n")
+    for name, why in (("json.txt", "JSON, not Netscape format"),
+                      ("plain.txt", "no '# Netscape HTTP Cookie File' first line"),
+                      ("empty.txt", "no cookies in it"), ("missing.txt", "cannot read it (FileNotFoundError)")):
+        with pytest.raises(ValueError) as caught:
+            read_cookies(tmp_path / name)
+        assert str(caught.value) == why
+
+
 GOOD_PARAMS = {"csv": "rows.csv", "limit": None, "url_template": "https://www.youtube.com/watch?v={id}",
                "allow_file_urls": False, "workers": 2, "retries": 1, "backoff_seconds": 1.0,
                "timeout_seconds": 30, "min_seconds": 1.0}
@@ -457,20 +664,46 @@ GOOD_PARAMS = {"csv": "rows.csv", "limit": None, "url_template": "https://www.yo
     ("allow_file_urls", "yes", "download.allow_file_urls"),
     ("timeout_seconds", 0, "download.timeout_seconds"),
     ("csv", "missing.csv", "download.csv"),
+    ("cookies", "missing.txt", "download.cookies = 'missing.txt': expected null or an existing cookies.txt file"),
+    ("cookies", "json.txt", "download.cookies = 'json.txt': expected a Netscape cookies.txt file (JSON, not "
+                            "Netscape format)"),
+    ("cookies", "", "download.cookies = '': expected null or the path of a cookies.txt file"),
+    ("sleep_seconds", -1, "download.sleep_seconds = -1.0: expected a number >= 0.0"),
+    ("sleep_seconds", "2s", "download.sleep_seconds = '2s': expected a number"),
 ])
 def test_bad_params_raise_params_error(tmp_path: Path, monkeypatch, key, value, message) -> None:
     monkeypatch.chdir(tmp_path)
     (tmp_path / "rows.csv").write_text("vid0,1.0,3.0,0.5,0.5\n")
+    (tmp_path / "json.txt").write_text('[{"name": "sid", "value": "s3cret"}]\n')
     assert stage.read_params(GOOD_PARAMS)["workers"] == 2
-    with pytest.raises(ParamsError, match=re.escape(message)):
+    with pytest.raises(ParamsError) as caught:
         stage.read_params({**GOOD_PARAMS, key: value})
+    assert message in str(caught.value) and "\n" not in str(caught.value)
 
 
-def test_stage_script_reports_bad_params_in_one_line(tmp_path: Path) -> None:
+def test_cookies_and_sleep_params(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.chdir(tmp_path)
     (tmp_path / "rows.csv").write_text("vid0,1.0,3.0,0.5,0.5\n")
-    (tmp_path / "params.yaml").write_text(yaml.safe_dump({"download": {**GOOD_PARAMS, "workers": 0}}))
+    _cookies_file(tmp_path / "cookies.txt")
+    defaults = stage.read_params(GOOD_PARAMS)  # keys absent: as before, no cookies, no pause
+    assert (defaults["cookies"], defaults["sleep_seconds"]) == (None, 0.0)
+    set_ = stage.read_params({**GOOD_PARAMS, "cookies": "cookies.txt", "sleep_seconds": 2})
+    assert (set_["cookies"], set_["sleep_seconds"]) == ("cookies.txt", 2.0)
+    project = yaml.safe_load((ROOT / "params.yaml").read_text())["download"]
+    assert (project["cookies"], project["sleep_seconds"]) == (None, 0.0)
+
+
+@pytest.mark.parametrize("override, line", [
+    ({"workers": 0}, "download: params.yaml: download.workers = 0: expected an integer >= 1"),
+    ({"cookies": "~/no-such-cookies.txt"},
+     "download: params.yaml: download.cookies = '~/no-such-cookies.txt': "
+     "expected null or an existing cookies.txt file"),
+])
+def test_stage_script_reports_bad_params_in_one_line(tmp_path: Path, override: dict, line: str) -> None:
+    (tmp_path / "rows.csv").write_text("vid0,1.0,3.0,0.5,0.5\n")
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump({"download": {**GOOD_PARAMS, **override}}))
     result = subprocess.run([sys.executable, str(STAGE)], cwd=tmp_path, capture_output=True, text=True,
                             timeout=60)
     assert result.returncode == 1
-    assert result.stderr.strip() == "download: params.yaml: download.workers = 0: expected an integer >= 1"
+    assert result.stderr.strip() == line
     assert not (tmp_path / "data").exists()

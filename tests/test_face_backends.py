@@ -1,16 +1,31 @@
 """Face backends: the VGG-Face architecture and its weight loader (no weights ship), the
-dlib backend's interface, and backend construction errors."""
+dlib backend (torch forward pass of dlib's network on dlib's chips) against dlib's own
+compute_face_descriptor on real faces, and backend construction errors."""
 
 from __future__ import annotations
 
+import dataclasses
+import glob
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 
 from speech2face.face_backends import (VGGFACE_MEAN_RGB, BackendError, Dlib128Backend, backend_class,
                                        build_vggface, load_vggface_weights, make_backend)
+
+REPO = Path(__file__).resolve().parents[1]
+PHOTOS = sorted(glob.glob("/work/shared/media/faces/*.*"))
+EXTRACT_SHARDS = sorted((REPO / "data" / "extracted").glob("shard-*.npz"))
+N_CLIP_FACES = 12
+# Default dlib128 (torch forward) vs dlib's compute_face_descriptor: measured at most 4.8e-7
+# in any component over 278 real faces (float32 rounding; components are about 0.1). The
+# smallest chip error worth catching, every chip pixel one grey level too bright, moves
+# every face by 3e-4 or more; a wrong padding or a BGR chip by 3e-2. 1e-5 sits 20x above
+# the rounding (other CPUs sum in another order) and 30x below that.
+DESCRIPTOR_TOLERANCE = 1e-5
 
 # VGG-16 with a 2622-way classifier: 13 convs (14,714,688) + fc6 25088x4096 + fc7 4096x4096
 # + fc8 4096x2622, weights and biases.
@@ -126,3 +141,140 @@ def test_dlib128_interface() -> None:
         backend.logits(np.zeros((1, 128), np.float32))
     with pytest.raises(NotImplementedError):
         backend.embed_crops(np.zeros((1, 224, 224, 3), np.uint8))
+
+
+# ------------------------------------------------------------------ dlib128 on real faces
+
+@pytest.fixture(scope="module")
+def real_faces():
+    """AlignedFaces (with their frames) of real images, found by the pipeline's analyzer:
+    every face of the test photos (large ones included, which dlib pyramids down before
+    cutting the chip) and the middle frames' faces of the first clips of the extract stage's
+    output (320x240 video frames, small faces)."""
+    from PIL import Image
+
+    from speech2face import extracted
+    from speech2face.faces import FaceAnalyzer
+
+    analyzer = FaceAnalyzer("hog", upsample=1)
+    faces = []
+    for path in PHOTOS:
+        frame = np.asarray(Image.open(path).convert("RGB"))
+        height, width = frame.shape[:2]
+        for left, top, right, bottom in analyzer.detect(frame):
+            x, y = ((left + right) / 2 + 0.5) / width, ((top + bottom) / 2 + 0.5) / height
+            outcome = analyzer.analyse_frame(frame, x, y)
+            if outcome.face is not None:
+                faces.append(outcome.face)
+    clip_faces = 0
+    for shard in EXTRACT_SHARDS[:1]:
+        source = extracted.load_shard(shard)
+        table = pd.read_csv(shard.with_suffix(".csv"))
+        centres = dict(zip(table["clip_id"], zip(table["x"], table["y"])))
+        for i, clip_id in enumerate(source.clip_ids):
+            frames = source.frames(i)
+            outcome = analyzer.analyse_frame(frames[len(frames) // 2], *centres[clip_id])
+            if outcome.face is not None:
+                faces.append(outcome.face)
+                clip_faces += 1
+            if clip_faces == N_CLIP_FACES:
+                break
+    if len(faces) < 10:
+        pytest.skip(f"only {len(faces)} real faces (test photos or data/extracted absent)")
+    return faces
+
+
+@pytest.fixture(scope="module")
+def dlib_reference(real_faces) -> np.ndarray:
+    """dlib's own descriptors: compute_face_descriptor(frame, shape) per face."""
+    pytest.importorskip("dlib")
+    from speech2face.faces import load_dlib_model
+
+    recognizer = load_dlib_model("resnet128")
+    return np.array([recognizer.compute_face_descriptor(np.ascontiguousarray(face.frame), _dlib_shape(face))
+                     for face in real_faces], dtype=np.float32)
+
+
+def _dlib_shape(face):
+    import dlib
+
+    points = [dlib.point(int(round(float(x))), int(round(float(y)))) for x, y in face.frame_landmarks]
+    return dlib.full_object_detection(dlib.rectangle(*(int(round(v)) for v in face.box)), points)
+
+
+def test_dlib128_equals_dlibs_own_descriptor_on_real_faces(real_faces, dlib_reference) -> None:
+    backend = make_backend("dlib128")
+    assert backend.network == "torch"
+    features = backend.embed(real_faces)            # all faces in one batched forward
+    assert features.shape == (len(real_faces), 128) and features.dtype == np.float32
+    assert np.abs(features - dlib_reference).max() < DESCRIPTOR_TOLERANCE
+    # The faces are varied: large ones from the photos (dlib pyramids them down first), small
+    # ones from the video frames, all far apart from one another.
+    widths = [face.box[2] - face.box[0] for face in real_faces]
+    assert (max(widths) > 300 or not PHOTOS) and (min(widths) < 100 or not EXTRACT_SHARDS)
+    distances = np.linalg.norm(dlib_reference[:, None] - dlib_reference[None], axis=-1)
+    assert distances[np.triu_indices(len(real_faces), 1)].min() > 100 * DESCRIPTOR_TOLERANCE
+
+    one_at_a_time = np.concatenate([backend.embed([face]) for face in real_faces])
+    np.testing.assert_allclose(one_at_a_time, features, rtol=0, atol=1e-6)   # batching changes nothing
+
+
+def test_the_tolerance_catches_a_wrong_chip(real_faces, dlib_reference) -> None:
+    """Each plausible chip mistake moves every face's descriptor well beyond the tolerance,
+    so the parity test above would fail on any of them."""
+    import dlib
+
+    net = make_backend("dlib128")._net
+
+    def descriptors(chips: list[np.ndarray]) -> np.ndarray:
+        with torch.inference_mode():
+            return net(torch.from_numpy(np.stack(chips)).permute(0, 3, 1, 2).float()).numpy()
+
+    def chips(padding: float = 0.25) -> list[np.ndarray]:
+        return [dlib.get_face_chip(np.ascontiguousarray(face.frame), _dlib_shape(face), size=150, padding=padding)
+                for face in real_faces]
+
+    right = chips()
+    mistakes = {
+        "padding 0.2": chips(0.2),
+        "BGR": [chip[..., ::-1].copy() for chip in right],
+        "one grey level brighter": [np.minimum(chip.astype(np.int16) + 1, 255).astype(np.uint8) for chip in right],
+    }
+    assert np.abs(descriptors(right) - dlib_reference).max() < DESCRIPTOR_TOLERANCE
+    for name, wrong in mistakes.items():
+        per_face = np.abs(descriptors(wrong) - dlib_reference).max(axis=1)
+        assert per_face.min() > 10 * DESCRIPTOR_TOLERANCE, name
+
+
+def test_dlib_network_option_is_dlibs_own_computation(real_faces, dlib_reference) -> None:
+    backend = Dlib128Backend(network="dlib")
+    np.testing.assert_array_equal(backend.embed(real_faces[:3]), dlib_reference[:3])
+
+
+def test_torch_forward_runs_on_one_thread_and_restores_the_setting(real_faces) -> None:
+    backend = make_backend("dlib128")
+    seen = []
+    hook = backend._net.register_forward_pre_hook(lambda module, inputs: seen.append(torch.get_num_threads()))
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        backend.embed(real_faces[:2])
+        assert torch.get_num_threads() == 2
+    finally:
+        hook.remove()
+        torch.set_num_threads(before)
+    assert seen == [1]
+
+
+def test_dlib128_edge_cases_and_errors(real_faces) -> None:
+    backend = make_backend("dlib128")
+    assert backend.embed([]).shape == (0, 128)
+    assert make_backend("dlib128")._net is backend._net          # loaded once per process
+    frameless = dataclasses.replace(real_faces[0], frame=None)
+    with pytest.raises(ValueError, match="source frame"):
+        backend.embed([frameless])
+    with pytest.raises(BackendError, match="num_jitters=2 needs network='dlib'"):
+        make_backend("dlib128", num_jitters=2)
+    assert Dlib128Backend(num_jitters=2, network="dlib").num_jitters == 2
+    with pytest.raises(BackendError, match="unknown network 'onnx'"):
+        Dlib128Backend(network="onnx")

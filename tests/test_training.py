@@ -69,3 +69,37 @@ def test_nan_loss_stops_with_clear_error(tmp_path) -> None:
 def test_missing_model_is_a_clear_error(tmp_path) -> None:
     with pytest.raises(FileNotFoundError, match="dvc repro train_encoder"):
         load_encoder(tmp_path / "nothing.pt")
+
+
+def _train_encoder_stage():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "stages" / "train_encoder.py"
+    spec = importlib.util.spec_from_file_location("train_encoder_stage", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_encoder_params_are_read_and_bad_values_are_one_line() -> None:
+    from speech2face.params import ParamsError
+
+    read_config = _train_encoder_stage().read_config
+    config = read_config({"width": 1, "epochs": 3, "input_mode": "magnitude", "fdec_weight": 0})
+    assert (config.width, config.epochs, config.input_mode, config.fdec_weight) == (1.0, 3, "magnitude", 0.0)
+    assert isinstance(config.width, float) and isinstance(config.epochs, int)
+    assert config.lr == EncoderConfig().lr   # absent keys keep the defaults
+    bad = {
+        "epochs": ({"epochs": 0}, "encoder.epochs = 0"),
+        "fractional epochs": ({"epochs": 2.5}, "encoder.epochs = 2.5: expected an integer"),
+        "input_mode": ({"input_mode": "phase"}, "encoder.input_mode = 'phase': expected one of"),
+        "negative lr": ({"lr": -1e-3}, "encoder.lr = -0.001"),
+        "beta1": ({"beta1": 1.0}, "encoder.beta1 = 1.0: expected in (0, 1)"),
+        "unknown key": ({"widht": 0.5}, "encoder.widht = 0.5: expected a known key"),
+        "bool": ({"augment": True}, "encoder.augment = True"),
+    }
+    for name, (section, message) in bad.items():
+        with pytest.raises(ParamsError) as caught:
+            read_config(section)
+        assert message in str(caught.value) and "\n" not in str(caught.value), name

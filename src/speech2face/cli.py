@@ -149,25 +149,17 @@ def spectrogram_settings(encoder_path: Path) -> SpectrogramSettings:
 
 def load_models(encoder_path: Path, decoder_path: Path) -> tuple[VoiceEncoder, FaceDecoder, SpectrogramSettings]:
     """(encoder, decoder, spectrogram settings); ClickException with one line on any failure."""
-    from .decoder import DecoderError, load_decoder
+    from .decoder import load_decoder
     from .encoder_io import load_encoder
+    from .model_files import ModelFileError
 
     # The files are the user's: anything can be wrong with them (missing, not a torch file,
     # a .json without a key, weights of another shape), and each is one line, not a traceback.
     try:
         encoder = load_encoder(encoder_path)
-    except FileNotFoundError as error:
-        raise click.ClickException(first_line(error)) from None
-    except Exception as error:
-        raise click.ClickException(f"voice encoder {encoder_path} cannot be loaded: "
-                                   f"{type(error).__name__}: {first_line(error)}") from None
-    try:
         decoder = load_decoder(decoder_path)
-    except DecoderError as error:
+    except ModelFileError as error:
         raise click.ClickException(first_line(error)) from None
-    except Exception as error:
-        raise click.ClickException(f"face decoder {decoder_path} cannot be loaded: "
-                                   f"{type(error).__name__}: {first_line(error)}") from None
     try:
         settings = spectrogram_settings(encoder_path)
     except (ParamsError, ValueError) as error:  # ValueError: params.yaml that is not YAML

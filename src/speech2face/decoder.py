@@ -19,15 +19,13 @@ hundred faces the network then starts from the average face instead of grey nois
 
 from __future__ import annotations
 
-import json
-import pickle
 from pathlib import Path
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .fsutil import atomic_path
+from .model_files import ModelFileError, load_model, save_model
 from .warp import sparse_image_warp
 
 TEXTURE_GRID = 14
@@ -41,7 +39,7 @@ UPSAMPLINGS = 4          # 14 -> 28 -> 56 -> 112 -> 224
 FLOW_GRID = 57
 
 
-class DecoderError(ValueError):
+class DecoderError(ModelFileError):
     """A decoder cannot be loaded (missing files, wrong shapes)."""
 
 
@@ -130,39 +128,14 @@ def to_uint8(images: torch.Tensor) -> "np.ndarray":  # noqa: F821
 
 
 def save_decoder(model: FaceDecoder, path: Path) -> None:
-    meta = {"in_dim": model.in_dim, "width": model.width, "image_size": model.image_size}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_path(path) as tmp:
-        torch.save(model.state_dict(), tmp)
-    path.with_suffix(".json").write_text(json.dumps(meta, indent=2) + "\n")
+    save_model(model, path, {"in_dim": model.in_dim, "width": model.width, "image_size": model.image_size})
 
 
 def load_decoder(path: str | Path, device: str | torch.device = "cpu") -> FaceDecoder:
-    path = Path(path)
-    meta_path = path.with_suffix(".json")
-    if not path.exists() or not meta_path.exists():
-        raise DecoderError(f"face decoder {path} (and {meta_path.name}) not found: "
-                           f"train it with `dvc repro train_decoder`")
+    """``DecoderError`` (one line) when the files are missing or unusable."""
     try:
-        meta = json.loads(meta_path.read_text())
-        model = FaceDecoder(in_dim=meta["in_dim"], width=meta["width"], image_size=meta["image_size"])
-    except (ValueError, KeyError, TypeError) as error:   # JSONDecodeError is a ValueError
-        raise DecoderError(f"face decoder settings {meta_path} are unusable: {_first_line(error)}") from None
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, EOFError, RuntimeError) as error:
-        raise DecoderError(f"face decoder {path} is not a readable state dict: {_first_line(error)}") from None
-    try:
-        model.load_state_dict(state)
-    except (RuntimeError, KeyError, TypeError) as error:   # TypeError: not a dict
-        raise DecoderError(f"face decoder {path} does not match {meta_path.name}: {_first_line(error)}") from None
-    return model.to(device).eval()
-
-
-def _first_line(error: BaseException) -> str:
-    """The first informative line of an error: torch's load_state_dict opens with a generic
-    "Error(s) in loading state_dict for ...:" and lists what mismatched on the next lines."""
-    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
-    if len(lines) > 1 and lines[0].startswith("Error(s) in loading state_dict"):
-        lines = lines[1:]
-    return (lines[0] if lines else type(error).__name__)[:300]
+        return load_model(path, lambda meta: FaceDecoder(in_dim=meta["in_dim"], width=meta["width"],
+                                                         image_size=meta["image_size"]),
+                          "face decoder", "train_decoder", device)
+    except ModelFileError as error:
+        raise DecoderError(str(error)) from None

@@ -15,12 +15,18 @@ a template (``{id}``, ``{root}``). Two ways to get exactly the segment:
 Every row ends as one manifest row (ok / failed / skipped + reason). Transient errors
 (connection reset, timeouts, HTTP 5xx/408/429, a clip cut short by a dropped connection) are
 retried with exponential backoff; permanent ones (404, unsupported URL, segment outside the
-video) are not. A finished clip only appears by an atomic rename out of a ``.tmp-*`` work
-folder, so an interrupted run leaves no half-written clip, and a rerun reuses what is there.
+video, and YouTube's refusals: ``video_unavailable``, ``age_restricted``, ``sign_in_required``,
+``geo_restricted``, and ``bot_check``, which a later run with cookies or a pause retries; see
+``YOUTUBE_STATES``) are not. ``availability`` sums up from the manifest how many videos are
+gone and whether YouTube refused this machine. A finished clip only appears by an atomic
+rename out of a ``.tmp-*`` work folder, so an interrupted run leaves no half-written clip, and
+a rerun reuses what is there.
 """
 
 from __future__ import annotations
 
+import http.cookiejar
+import io
 import os
 import re
 import shutil
@@ -37,8 +43,10 @@ from urllib.parse import quote
 import ffmpeg
 import pandas as pd
 import yt_dlp
+from yt_dlp.cookies import YoutubeDLCookieJar
 from yt_dlp.networking.exceptions import CertificateVerifyError, HTTPError, TransportError
-from yt_dlp.utils import ContentTooShortError, UnsupportedError, download_range_func
+from yt_dlp.utils import (ContentTooShortError, ExtractorError, GeoRestrictedError, UnsupportedError,
+                          download_range_func)
 
 from .avspeech import BadRow, ClipRow, read_csv
 from .fsutil import remove_stale_temps
@@ -69,6 +77,8 @@ class DownloadConfig:
     timeout_seconds: float     # socket / ffmpeg read timeout per request
     min_seconds: float
     format_selector: str = DEFAULT_FORMAT
+    cookies: str | None = None  # cookies.txt text (see read_cookies), sent with every request
+    sleep_seconds: float = 0.0  # pause before each download and between extraction requests
 
 
 class DownloadFailure(Exception):
@@ -113,6 +123,10 @@ def short_message(text: str, limit: int = 160) -> str:
     text = re.sub(r"^ERROR:\s*", "", text.strip())
     text = re.sub(r"^\[[^\]]+\]\s*(?:[\w-]+:\s+)?", "", text)
     text = re.sub(r"\s*\(caused by .*$", "", text, flags=re.S)
+    # yt-dlp's advice names its command-line flags (--cookies, -t sleep, --proxy); here the
+    # remedies are download.cookies / download.sleep_seconds, which the stage's hint names.
+    text = re.sub(r"\s*(?:Use --cookies|It is recommended to use|For more information, refer to|"
+                  r"You might want to use a VPN).*$", "", text, flags=re.S)
     text = " ".join(text.split())
     return text[:limit]
 
@@ -135,10 +149,63 @@ def _exception_chain(error: BaseException) -> list[BaseException]:
     return chain
 
 
+# YouTube explains why it will not play a video in words (the player response's
+# playabilityStatus reason and subreason), which yt-dlp's youtube extractor passes on inside an
+# ExtractorError as "<reason>. <subreason>[. <its cookie advice>]". The phrases below are those
+# texts (lower case, ’ written '); the first group that matches names the manifest code, so the
+# order matters: a private video's text says "Sign in if you've been granted access" and carries
+# yt-dlp's "--cookies" advice, and a country block or an age gate may open with "Video
+# unavailable". None of these is retried within the run:
+# - bot_check: YouTube refuses this IP or session, not the video ("confirm you're not a bot",
+#   captcha, "rate-limited by YouTube for up to an hour"). Backoff of seconds cannot outlast a
+#   block YouTube keeps for up to an hour, and every retry is one more request that keeps it
+#   going; the fix is cookies / sleep_seconds and another run, which retries every failed row.
+#   So it is no verdict on the video either: ``availability`` counts it apart.
+# - the others are verdicts on the video (gone, or needs an account) and do not change on retry.
+YOUTUBE_STATES: tuple[tuple[str, tuple[str, ...]], ...] = (
+    ("bot_check", ("confirm you're not a bot", "captcha challenge", "ip is likely being blocked",
+                   "rate-limited by youtube", "content isn't available, try again later")),
+    # playable from elsewhere (a proxy or VPN), so not counted as gone
+    ("geo_restricted", ("available in your country", "from your location",
+                        "in your country on copyright grounds")),
+    ("age_restricted", ("confirm your age", "age-restricted", "age restricted", "inappropriate for some users")),
+    ("video_unavailable", ("video unavailable", "this video is unavailable", "this video is not available",
+                           "this video isn't available anymore", "this video has been removed",
+                           "this video is no longer available", "has been terminated",
+                           "closed their youtube account", "private video", "this video is private",
+                           # needs a paid membership: for building a data set as gone as private
+                           "members-only content", "only available to music premium members",
+                           "requires payment to watch")),
+    ("sign_in_required", ("sign in", "--cookies", "only available for registered users",
+                          "login details are needed")),
+)
+VIDEO_UNAVAILABLE = "video_unavailable"
+BLOCKED_CODES = ("bot_check", "http_429")                    # YouTube refused this machine
+SIGN_IN_CODES = ("age_restricted", "sign_in_required")       # a signed-in account (cookies) may help
+
+
+def youtube_state(text: str) -> str | None:
+    """The manifest code for YouTube's refusal worded in ``text``, or None."""
+    text = text.lower().replace("\u2019", "'")
+    for code, phrases in YOUTUBE_STATES:
+        if any(phrase in text for phrase in phrases):
+            return code
+    return None
+
+
 def classify_error(error: BaseException) -> DownloadFailure:
     """Map a yt-dlp exception to a manifest code and whether a retry can help."""
     chain = _exception_chain(error)
     message = short_message(str(error))
+    if any(isinstance(exc, GeoRestrictedError) for exc in chain):
+        return DownloadFailure("geo_restricted", message)
+    # Only a site's own refusal (an ExtractorError raised with no cause) is read for words: a
+    # network or file error's text, or "Unsupported URL: ...", carries URLs and paths, which
+    # could hold any phrase.
+    state = youtube_state(" ".join(exc.orig_msg for exc in chain if isinstance(exc, ExtractorError)
+                                   and exc.cause is None and not isinstance(exc, UnsupportedError)))
+    if state is not None:
+        return DownloadFailure(state, message)
     for exc in chain:
         status = None
         if isinstance(exc, HTTPError):
@@ -177,8 +244,32 @@ class _QuietLogger:
     info = warning = error = debug
 
 
+def read_cookies(path: str | Path) -> str:
+    """A Netscape cookies.txt as yt-dlp's own parser reads it, written back out in its format.
+
+    ValueError (one line) if it cannot be read or holds no cookie. Lines yt-dlp cannot parse
+    are skipped with a warning here, once, rather than by every download that loads the text.
+    """
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as error:
+        raise ValueError(f"cannot read it ({type(error).__name__})") from None
+    jar = YoutubeDLCookieJar(io.StringIO(text))
+    try:
+        jar.load()
+    except http.cookiejar.LoadError as error:
+        reason = "JSON, not Netscape format" if "not JSON" in str(error) else \
+            "no '# Netscape HTTP Cookie File' first line"
+        raise ValueError(reason) from None
+    if len(jar) == 0:
+        raise ValueError("no cookies in it")
+    out = io.StringIO()
+    jar.save(out)
+    return out.getvalue()
+
+
 def _ydl_options(work_dir: Path, cfg: DownloadConfig) -> dict[str, Any]:
-    return {
+    opts: dict[str, Any] = {
         "quiet": True, "no_warnings": True, "noprogress": True, "logger": _QuietLogger(),
         "outtmpl": {"default": str(work_dir / "source.%(ext)s")},
         "format": cfg.format_selector, "merge_output_format": "mp4",
@@ -187,6 +278,17 @@ def _ydl_options(work_dir: Path, cfg: DownloadConfig) -> dict[str, Any]:
         "retries": 0, "fragment_retries": 0, "extractor_retries": 0, "file_access_retries": 0,
         "noplaylist": True, "cachedir": False, "overwrites": True,
     }
+    if cfg.cookies is not None:
+        # A private in-memory copy per YoutubeDL: yt-dlp writes its cookie jar back to the
+        # cookiefile when it closes, and parallel workers rewriting the user's file at once
+        # could leave it truncated for the next one to read.
+        opts["cookiefile"] = io.StringIO(cfg.cookies)
+    if cfg.sleep_seconds > 0:
+        # sleep_interval: before each download (per worker); sleep_interval_requests: between
+        # the extractor's requests (YouTube's page and player API calls), the first one excepted
+        opts["sleep_interval"] = cfg.sleep_seconds
+        opts["sleep_interval_requests"] = cfg.sleep_seconds
+    return opts
 
 
 def _check_inside(start: float, end: float, video_seconds: float) -> None:
@@ -401,6 +503,58 @@ def _reason_code(reason: str) -> str:
     return reason.split(":", 1)[0].strip() or "unknown"
 
 
+def availability(manifest: pd.DataFrame) -> dict[str, Any]:
+    """How much of the selection the source still has, read from the manifest's rows.
+
+    - ``videos``: distinct ``youtube_id`` the source gave an answer about: a row that is ok, or
+      that failed after at least one attempt for any reason but a refusal of this machine
+      (``BLOCKED_CODES``) or an interrupt. Rows never fetched (bad rows, duplicates, too short)
+      and blocked ones say nothing about the video.
+    - ``unavailable``: of those, the videos with a ``video_unavailable`` row; ``clips_lost``:
+      the ``video_unavailable`` rows (segments, not counting skipped duplicates).
+    - ``blocked``: failed rows per code in ``BLOCKED_CODES`` and ``blocked_videos`` their
+      distinct videos; ``sign_in``: failed rows per code in ``SIGN_IN_CODES``.
+    """
+    status = manifest["status"].astype(str)
+    codes = manifest["reason"].fillna("").astype(str).map(_reason_code)
+    attempts = pd.to_numeric(manifest["attempts"], errors="coerce").fillna(0)
+    ids = manifest["youtube_id"].astype(str)
+    failed = status == FAILED
+    answered = (status == OK) | (failed & (attempts >= 1) & ~codes.isin((*BLOCKED_CODES, "interrupted")))
+    gone = failed & (codes == VIDEO_UNAVAILABLE)
+    blocked = failed & codes.isin(BLOCKED_CODES)
+    return {
+        "videos": int(ids[answered].nunique()),
+        "unavailable": int(ids[gone].nunique()),
+        "clips_lost": int(gone.sum()),
+        "blocked": {code: int((failed & (codes == code)).sum()) for code in BLOCKED_CODES},
+        "blocked_videos": int(ids[blocked].nunique()),
+        "sign_in": {code: int((failed & (codes == code)).sum()) for code in SIGN_IN_CODES},
+    }
+
+
+def availability_lines(stats: dict[str, Any], stage: str = "download") -> list[str]:
+    """What the stage prints about ``availability(manifest)``: the share of videos gone, and
+    what to set when YouTube refused this machine or wanted an account."""
+    lines = []
+    if stats["videos"]:
+        share = 100.0 * stats["unavailable"] / stats["videos"]
+        lines.append(f"{stage}: videos no longer available: {stats['unavailable']} of {stats['videos']} "
+                     f"({share:.1f} %); clips lost with them: {stats['clips_lost']}")
+    n_blocked = sum(stats["blocked"].values())
+    if n_blocked:
+        counts = ", ".join(f"{code}: {n}" for code, n in stats["blocked"].items() if n)
+        lines.append(f"{stage}: YouTube refused this machine for {n_blocked} clips of "
+                     f"{stats['blocked_videos']} videos ({counts}): set download.cookies / "
+                     "download.sleep_seconds and run again (failed rows are retried)")
+    n_sign_in = sum(stats["sign_in"].values())
+    if n_sign_in:
+        counts = ", ".join(f"{code}: {n}" for code, n in stats["sign_in"].items() if n)
+        lines.append(f"{stage}: {n_sign_in} clips need a signed-in YouTube account ({counts}): "
+                     "set download.cookies")
+    return lines
+
+
 def remove_unlisted_clips(out_dir: Path, clip_ids: set[str]) -> int:
     """Clips of rows no longer in the CSV selection (e.g. a smaller ``limit``): data/clips
     holds exactly the manifest's clips, so DVC tracks what the params say."""
@@ -415,8 +569,13 @@ def remove_unlisted_clips(out_dir: Path, clip_ids: set[str]) -> int:
 def run_download(csv_path: str | Path, out_dir: str | Path, manifest_path: str | Path, url_template: str,
                  root: str | Path, allow_file_urls: bool, limit: int | None, workers: int, retries: int,
                  backoff_seconds: float, timeout_seconds: float, min_seconds: float,
-                 format_selector: str = DEFAULT_FORMAT) -> pd.DataFrame:
-    """Download every row's segment; returns (and writes) the manifest, one row per CSV row."""
+                 format_selector: str = DEFAULT_FORMAT, cookies: str | Path | None = None,
+                 sleep_seconds: float = 0.0) -> pd.DataFrame:
+    """Download every row's segment; returns (and writes) the manifest, one row per CSV row.
+
+    ``cookies``: a Netscape cookies.txt sent with every request (YouTube's bot check, age gate);
+    ``sleep_seconds``: each worker's pause before a download and between extraction requests.
+    """
     summary = StageSummary("download")
     out_dir, manifest_path = Path(out_dir), Path(manifest_path)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -424,7 +583,8 @@ def run_download(csv_path: str | Path, out_dir: str | Path, manifest_path: str |
     for stale in manifest_path.parent.glob(f".tmp-{manifest_path.stem}-*"):
         stale.unlink(missing_ok=True)
     cfg = DownloadConfig(out_dir, allow_file_urls, retries, backoff_seconds, timeout_seconds,
-                         min_seconds, format_selector)
+                         min_seconds, format_selector,
+                         read_cookies(cookies) if cookies is not None else None, sleep_seconds)
 
     rows = read_csv(csv_path, limit=limit)
     records: list[dict[str, Any] | None] = [None] * len(rows)
@@ -469,5 +629,7 @@ def run_download(csv_path: str | Path, out_dir: str | Path, manifest_path: str |
         else:
             summary.skip(_reason_code(reason))
     write_table(manifest, manifest_path)
+    for line in availability_lines(availability(manifest)):  # before the summary: it stays last
+        print(line, flush=True)
     summary.print()
     return manifest

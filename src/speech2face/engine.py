@@ -12,7 +12,7 @@ Engines (params ``engine`` and ``cluster_address`` of each of these stage sectio
 ``local`` (default)
     ``InlineExecutor``: each shard runs in the stage process when it is submitted, one after
     another, exactly as before this module existed; the stage parallelises *inside* the
-    shard as it always did (threads around ffmpeg in extract, torch threads in spectrogram,
+    shard as it always did (threads around FFmpeg's decoders in extract, torch threads in spectrogram,
     spawned dlib processes in faces), so small corpora of one or two shards still use every
     core and the outputs are the same bytes as before.
 ``dask``
@@ -246,6 +246,23 @@ def collect(futures: Mapping[str, Future], on_done: Callable[[str, Any], None]) 
             future.cancel()
         raise
     return results
+
+
+def collect_shard_tables(futures: Mapping[str, Future], executor: Executor, bar, summary,
+                         tables: dict[str, Any], table_of: Callable[[Any], Any] = lambda result: result
+                         ) -> dict[str, Any]:
+    """``collect`` with the bookkeeping every data stage does per finished shard: advance the
+    progress bar (a task in this process advanced it clip by clip already), count the
+    table's statuses in the stage summary and keep the table in ``tables``. ``table_of``
+    picks the table out of a task's result. Returns the results by shard."""
+    def finished(name: str, result: Any) -> None:
+        table = table_of(result)
+        if not getattr(executor, "in_process", False):
+            bar.update(len(table))
+        summary.add_statuses(zip(table["status"], table["reason"]))
+        tables[name] = table
+
+    return collect(futures, finished)
 
 
 _PER_PROCESS: dict[Hashable, Any] = {}

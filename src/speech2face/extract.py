@@ -1,16 +1,19 @@
 """Extract stage library: downloaded clips -> 16 kHz mono audio + a few frames, in shards.
 
 ``write_extract_shard`` is the unit of work: one whole shard, its npz and then its table.
-With the local engine the shards run one after another in this process and a thread pool
-decodes a shard's clips in parallel (ffmpeg runs out of process); with the dask engine each
-shard is a cluster task that decodes its clips in turn (speech2face.engine).
+Clips are decoded in process by FFmpeg's libraries (``media.decode_clip``, PyAV): starting
+the ffmpeg program per clip cost more than the decoding itself. With the local engine the
+shards run one after another in this process and ``workers`` worker processes decode a
+shard's clips in parallel; with the dask engine each shard is a cluster task that decodes
+its clips in turn (speech2face.engine).
 """
 
 from __future__ import annotations
 
 import contextlib
 import sys
-from concurrent.futures import ThreadPoolExecutor
+import multiprocessing
+from concurrent.futures import Executor, ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -52,16 +55,17 @@ def extract_clip(clip_id: str, path: Path, frames_per_clip: int, sample_rate: in
 
 
 def extract_shard(rows: pd.DataFrame, clips_dir: Path, frames_per_clip: int, sample_rate: int,
-                  frame_max_side: int, pool: ThreadPoolExecutor | None, bar) -> tuple[list[ClipResult], pd.DataFrame]:
-    """Decode one shard's clips, in parallel on ``pool`` (ffmpeg runs out of process, so
-    threads suffice) or, without one, one after another."""
-    def one(row) -> ClipResult:
-        result = extract_clip(row.clip_id, clips_dir / Path(row.path).name, frames_per_clip,
-                              sample_rate, frame_max_side)
+                  frame_max_side: int, pool: Executor | None, bar) -> tuple[list[ClipResult], pd.DataFrame]:
+    """Decode one shard's clips, in parallel on ``pool`` (worker processes: PyAV holds the
+    GIL for much of a decode, so threads would gain little) or, without one, in turn."""
+    paths = [clips_dir / Path(path).name for path in rows["path"]]
+    n = len(paths)
+    calls = (pool.map if pool is not None else map)(
+        extract_clip, list(rows["clip_id"]), paths, [frames_per_clip] * n, [sample_rate] * n, [frame_max_side] * n)
+    results = []
+    for result in calls:
+        results.append(result)
         bar.update(1)
-        return result
-
-    results = list((pool.map if pool is not None else map)(one, rows.itertuples(index=False)))
     table = pd.DataFrame({
         "clip_id": rows["clip_id"].values,
         "youtube_id": rows["youtube_id"].values,
@@ -78,7 +82,7 @@ def extract_shard(rows: pd.DataFrame, clips_dir: Path, frames_per_clip: int, sam
 
 
 def write_extract_shard(rows: pd.DataFrame, clips_dir: Path, out_dir: Path, shard: str, frames_per_clip: int,
-                        sample_rate: int, frame_max_side: int, pool: ThreadPoolExecutor | None, bar) -> pd.DataFrame:
+                        sample_rate: int, frame_max_side: int, pool: Executor | None, bar) -> pd.DataFrame:
     """One whole shard: its clips decoded, the npz of those that worked, then its table
     (last and atomic: marks the shard done). Returns the table."""
     results, table = extract_shard(rows, clips_dir, frames_per_clip, sample_rate, frame_max_side, pool, bar)
@@ -128,21 +132,16 @@ def run_extract(download_manifest: Path, clips_dir: Path, out_dir: Path, frames_
                 first_clip = Path(clips_dir) / Path(by_id.loc[clip_ids[0], "path"]).name
                 executor = stack.enter_context(engines.make_executor(
                     engine, cluster_address, workers, shared=[out_dir, first_clip]))
-                if executor.in_process:
-                    pool = stack.enter_context(ThreadPoolExecutor(max_workers=workers))
+                if executor.in_process and workers > 1:
+                    # spawned, not forked: the stage process may hold threads (progress bar)
+                    pool = stack.enter_context(ProcessPoolExecutor(
+                        workers, mp_context=multiprocessing.get_context("spawn")))
             here = executor.in_process
             pending[name] = executor.submit(
                 write_extract_shard, by_id.loc[clip_ids], Path(clips_dir) if here else Path(clips_dir).resolve(),
                 Path(out_dir) if here else Path(out_dir).resolve(), name, frames_per_clip, sample_rate,
                 frame_max_side, pool, engines.progress_for_task(executor, bar))
-
-        def finished(name: str, table: pd.DataFrame) -> None:
-            if not executor.in_process:
-                bar.update(len(table))
-            summary.add_statuses(zip(table["status"], table["reason"]))
-            tables[name] = table
-
-        engines.collect(pending, finished)
+        engines.collect_shard_tables(pending, executor, bar, summary, tables)
     if upstream_failed:
         summary.skip("download_failed", upstream_failed)
     result = (pd.concat([tables[name].assign(shard=name) for name, _ in plan], ignore_index=True) if plan

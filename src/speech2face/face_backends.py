@@ -1,11 +1,22 @@
 """Face feature networks behind one interface (``FaceBackend``).
 
 - ``dlib128`` (default, offline): dlib's 128-D ResNet face embedding (99.38% on LFW), the
-  network behind ``face_recognition.face_encodings``. It takes the frame and the 68
-  landmarks (dlib aligns its own 150x150 chip from them), which equals
-  ``face_recognition.face_encodings(frame, [box], model="large")`` without running the
-  landmark model a second time. Features are not unit length (norm about 1.4); compare
-  them with the Euclidean distance (same person below about 0.6).
+  network behind ``face_recognition.face_encodings``. dlib aligns the 150x150 chip from the
+  frame and the 68 landmarks (``dlib.get_face_chip``, padding 0.25: what dlib's
+  ``compute_face_descriptor(frame, shape)`` does internally), and the descriptor comes from
+  ``DlibFaceNet`` (speech2face.dlib_resnet): the same network with the same weights, read
+  from dlib's own .dat file, run in torch with one thread. That is 7-13x faster on this
+  project's 2-core CPUs (per face: ``compute_face_descriptor`` 130-170 ms; dlib's chip
+  0.5 ms plus the torch forward 12-21 ms; in the faces stage with 2 workers the embed step
+  went from 110-190 ms to 16-21 ms a face) and gives the same features: over 278 real faces
+  (270 video frames, 8 photo faces) at most 4.8e-7 from dlib's in any component (float32
+  rounding; components are about 0.1, different faces 0.09 apart or more). The price is
+  torch's import in each worker process, about 2 s once at its start.
+  ``Dlib128Backend(network="dlib")`` keeps dlib's own forward pass (the reference; needed
+  for ``num_jitters`` > 1). Either way this equals ``face_recognition.face_encodings(frame,
+  [box], model="large")`` (to float32 rounding) without running the landmark model a second
+  time. Features are not unit length (norm about 1.4); compare them with the Euclidean
+  distance (same person below about 0.6).
 - ``vggface4096`` (the paper's feature): VGG-Face (Parkhi et al., BMVC 2015), VGG-16 with
   2622 identity classes, in torch. Input: the aligned 224x224 RGB crop in [0, 255] minus
   the VGG-Face mean colour. Feature = fc7 after its ReLU (4096-D, non-negative): the paper
@@ -20,6 +31,8 @@ for an unknown name or unusable weights.
 
 from __future__ import annotations
 
+import contextlib
+import functools
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
 
@@ -65,30 +78,107 @@ class FaceBackend:
         raise NotImplementedError(f"face backend {self.name} has no classifier logits")
 
 
+DLIB_NETWORKS = ("torch", "dlib")
+DLIB_CHIP_SIZE = 150
+DLIB_CHIP_PADDING = 0.25    # compute_face_descriptor's default padding
+
+
+@functools.lru_cache(maxsize=None)
+def _dlib_face_net():
+    """DlibFaceNet with dlib's weights, loaded once per process (about 0.3 s) and shared: it is
+    frozen and only run under inference_mode, so backends cannot change it."""
+    from .dlib_resnet import load_dlib_face_net
+
+    return load_dlib_face_net()
+
+
+@contextlib.contextmanager
+def _torch_threads(torch, threads: int | None):
+    """Run torch with ``threads`` intra-op threads inside the block, restored afterwards.
+
+    The faces stage gets its parallelism from worker processes; a torch forward on two
+    threads in each of them (torch's default in a spawned worker on these 2-core machines)
+    oversubscribes the cores and ran 4-7x slower than one thread when the machine was busy.
+    Scoped, not set once per process: with one worker the backend runs in the stage's own
+    process, whose thread setting is not this backend's to change. Switching costs nothing
+    measurable (a forward with a switch before and after times the same as one without).
+    """
+    before = torch.get_num_threads()
+    if threads is None or threads == before:
+        yield
+        return
+    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 class Dlib128Backend(FaceBackend):
+    """dlib's 128-D face descriptor of each face (see the module notes).
+
+    ``network``: "torch" (default) computes the descriptor of dlib's chip with DlibFaceNet
+    on ``torch_threads`` threads, all faces of one ``embed`` call in one forward pass;
+    "dlib" calls dlib's ``compute_face_descriptor(frame, shape, num_jitters)`` per face.
+    """
+
     name = "dlib128"
     dim = 128
     normalised = False
     in_worker = True
 
-    def __init__(self, num_jitters: int = 1):
+    def __init__(self, num_jitters: int = 1, network: str = "torch", torch_threads: int | None = 1):
         import dlib
 
         from .faces import load_dlib_model
 
+        if network not in DLIB_NETWORKS:
+            raise BackendError(f"dlib128: unknown network {network!r}: expected one of {list(DLIB_NETWORKS)}")
+        # dlib jitters (random crops and flips of the chip, averaged) only when num_jitters > 1.
+        if num_jitters > 1 and network != "dlib":
+            raise BackendError(f"dlib128: num_jitters={num_jitters} needs network='dlib' "
+                               "(the torch network computes the unjittered descriptor only)")
         self._dlib = dlib
-        self._model = load_dlib_model("resnet128")
+        self.network = network
         self.num_jitters = num_jitters
+        self.torch_threads = torch_threads
+        if network == "dlib":
+            self._model = load_dlib_model("resnet128")
+            return
+        import torch
+
+        from .dlib_resnet import DlibModelError
+
+        self._torch = torch
+        try:
+            # Loaded here, not at the first face: the stage turns a ValueError inside a clip
+            # into that clip's skip reason, so a bad model file must fail the start instead.
+            self._net = _dlib_face_net()
+        except DlibModelError as error:
+            raise BackendError(f"dlib128: {error}") from None
 
     def embed(self, faces: Sequence["AlignedFace"]) -> np.ndarray:
         features = np.zeros((len(faces), self.dim), dtype=np.float32)
-        for i, face in enumerate(faces):
+        if not faces:
+            return features
+        frames, shapes = [], []
+        for face in faces:
             if face.frame is None:
                 raise ValueError("dlib128 embeds from the source frame; this face no longer has it")
-            shape = self._shape(face)
-            features[i] = np.asarray(
-                self._model.compute_face_descriptor(np.ascontiguousarray(face.frame), shape, self.num_jitters),
-                dtype=np.float32)
+            frames.append(np.ascontiguousarray(face.frame))
+            shapes.append(self._shape(face))
+        if self.network == "dlib":
+            for i, (frame, shape) in enumerate(zip(frames, shapes)):
+                features[i] = np.asarray(self._model.compute_face_descriptor(frame, shape, self.num_jitters),
+                                         dtype=np.float32)
+            return features
+        chips = np.stack([self._dlib.get_face_chip(frame, shape, size=DLIB_CHIP_SIZE, padding=DLIB_CHIP_PADDING)
+                          for frame, shape in zip(frames, shapes)])     # (n, 150, 150, 3) uint8 RGB
+        torch = self._torch
+        with _torch_threads(torch, self.torch_threads), torch.inference_mode():
+            # NHWC permuted to NCHW is already the channels_last layout the network uses.
+            images = torch.from_numpy(chips).permute(0, 3, 1, 2).float()
+            features[:] = self._net(images).numpy()
         return features
 
     def _shape(self, face: "AlignedFace"):

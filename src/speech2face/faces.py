@@ -23,9 +23,10 @@ Several frames per clip (``analyse_clip``):
 - ``embed_frames="middle"`` (default; the paper uses one face per clip): frames are tried in
   order of distance from the middle of the segment and the first with a usable face gives
   the crop, the landmarks and the feature. One detection and one embedding per clip in the
-  common case, which is what keeps this stage fast on a CPU (dlib's embedding network takes
-  about 120-190 ms a face on this project's 2-core machines, the HOG detector about 40 ms a
-  640x480 frame, landmarks and alignment about 5 ms each).
+  common case, which is what keeps this stage fast on a CPU (on this project's 2-core
+  machines the embedding takes about 15-20 ms a face: dlib's chip plus dlib's network run
+  in torch, see face_backends; dlib's own forward pass took 120-190 ms. The HOG detector
+  takes about 40 ms a 640x480 frame, landmarks and alignment about 5 ms each).
 - ``embed_frames="all"``: every frame is analysed and embedded; the clip feature is the
   mean of the frame features (re-normalised to unit length when the backend's features are
   normalised); the stored crop and landmarks come from the frame nearest the middle that

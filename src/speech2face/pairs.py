@@ -67,7 +67,7 @@ def load_pairs(spectrogram_dir: str | Path, faces_dir: str | Path) -> Pairs:
 
 
 class PairDataset(torch.utils.data.Dataset):
-    """(spectrogram float32 (frames, freq, 2), feature float32 (dim,)) per pair.
+    """(spectrogram (frames, freq, 2) in the stored dtype, feature float32 (dim,)) per pair.
 
     With ``augment``, each training example is rolled by a random number of frames along
     time: the audio was looped to fill the window, so any rotation is another valid crop of
@@ -82,7 +82,10 @@ class PairDataset(torch.utils.data.Dataset):
         return len(self.pairs)
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
-        spectrogram = np.asarray(self.pairs.spectrogram(i), dtype=np.float32)
+        # In the shards' dtype (float16 by default): half the bytes through the loader's
+        # copies and worker pipes; the training loop converts on the device (bench_training.py
+        # measures the loader both ways).
+        spectrogram = np.array(self.pairs.spectrogram(i))
         if self.augment:
             shift = int(torch.randint(0, spectrogram.shape[0], ()).item())
             spectrogram = np.roll(spectrogram, shift, axis=0)

@@ -81,14 +81,16 @@ def dataclass_from_params(cls, section: str, p: dict, choices: dict[str, Iterabl
     config = cls()
     names = {f.name for f in fields(cls)}
     unknown = sorted(set(p) - names)
-    check(not unknown, section, unknown[0] if unknown else "", None, f"a known key (one of {sorted(names)})")
+    check(not unknown, section, unknown[0] if unknown else "", p[unknown[0]] if unknown else None,
+          f"a known key (one of {sorted(names)})")
     for name, value in p.items():
         kind = type(getattr(config, name))
         if kind is str:
             get_choice(p, section, name, (choices or {}).get(name, ()))
         else:
             ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-            check(ok and (kind is float or isinstance(value, int)), section, name, value, f"a {kind.__name__}")
+            check(ok and (kind is float or isinstance(value, int)), section, name, value,
+                  "a number" if kind is float else "an integer")
             minimum = 0
             check(value > minimum if name in positive else value >= minimum, section, name, value,
                   f"a number {'>' if name in positive else '>='} 0")

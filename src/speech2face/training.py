@@ -117,7 +117,7 @@ def evaluate_loss(model, loader, loss_fn: EncoderLoss, device) -> float:
     total, count = 0.0, 0
     with torch.no_grad():
         for spectrogram, feature in loader:
-            predicted = model(spectrogram.to(device)).float()
+            predicted = model(spectrogram.to(device).float()).float()
             total += float(loss_fn.terms(feature.to(device), predicted)["total"]) * len(feature)
             count += len(feature)
     model.train()
@@ -158,7 +158,8 @@ def train_encoder(config: EncoderConfig, train: Pairs, val: Pairs | None, checkp
         dataset, num_replicas=dist_info.world_size, rank=dist_info.rank, shuffle=True, seed=config.seed,
         drop_last=False)
     loader = torch.utils.data.DataLoader(dataset, batch_size=config.batch_size, sampler=sampler,
-                                         num_workers=config.loader_workers, drop_last=len(dataset) > config.batch_size)
+                                         num_workers=config.loader_workers, drop_last=len(dataset) > config.batch_size,
+                                         pin_memory=device.type == "cuda")
     val_loader = (torch.utils.data.DataLoader(PairDataset(val), batch_size=config.batch_size)
                   if val is not None and len(val) else None)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast(
@@ -172,7 +173,7 @@ def train_encoder(config: EncoderConfig, train: Pairs, val: Pairs | None, checkp
                        total=len(loader)) if dist_info.is_main else loader
         for spectrogram, feature in bar:
             data_wait += time.perf_counter() - tick
-            spectrogram, feature = spectrogram.to(device, non_blocking=True), feature.to(device)
+            spectrogram, feature = spectrogram.to(device, non_blocking=True).float(), feature.to(device)
             with autocast:
                 predicted = wrapped(spectrogram)
             terms = loss_fn.terms(feature, predicted.float())
