@@ -35,7 +35,8 @@ import yaml
 import yt_dlp
 from yt_dlp.extractor.youtube import YoutubeIE
 
-from speech2face.download import availability, availability_lines, classify_error, read_cookies
+from speech2face.download import read_cookies
+from speech2face.download_errors import availability, availability_lines, classify_error
 from speech2face.media import probe
 from speech2face.params import ParamsError
 from speech2face.tables import read_table, write_table
@@ -569,17 +570,19 @@ def test_availability_counts_videos_not_rows(tmp_path: Path) -> None:
         ("L", "failed", "bot_check: Sign in to confirm you're not a bot.", 1),
         ("L", "ok", "", 1),
         ("M", "failed", "sign_in_required: Please sign in.", 1),
+        ("N", "failed", "http_404: HTTP Error 404: Not Found", 1),          # gone from a plain server
+        ("O", "failed", "not_found: [Errno 2] No such file or directory", 1),  # or from the disk
     ]
     table = pd.DataFrame(rows, columns=["youtube_id", "status", "reason", "attempts"])
     write_table(table, tmp_path / "download.csv")  # as the stage writes it and the next stage reads it
     stats = availability(read_table(tmp_path / "download.csv"))
-    # answered: A, B, C, F, I, L (ok besides its bot_check), M. Not: D, E (refused), G (never
-    # fetched), H (bad row), K (interrupted).
-    assert stats == {"videos": 7, "unavailable": 2, "clips_lost": 3,
+    # answered: A, B, C, F, I, L (ok besides its bot_check), M, N, O. Not: D, E (refused), G
+    # (never fetched), H (bad row), K (interrupted). Gone: B, C, N, O.
+    assert stats == {"videos": 9, "unavailable": 4, "clips_lost": 5,
                      "blocked": {"bot_check": 3, "http_429": 1}, "blocked_videos": 3,
                      "sign_in": {"age_restricted": 1, "sign_in_required": 1}}
     assert availability_lines(stats) == [
-        "download: videos no longer available: 2 of 7 (28.6 %); clips lost with them: 3",
+        "download: videos no longer available: 4 of 9 (44.4 %); clips lost with them: 5",
         "download: YouTube refused this machine for 4 clips of 3 videos (bot_check: 3, http_429: 1): "
         "set download.cookies / download.sleep_seconds and run again (failed rows are retried)",
         "download: 2 clips need a signed-in YouTube account (age_restricted: 1, sign_in_required: 1): "
