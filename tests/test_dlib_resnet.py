@@ -8,7 +8,6 @@ extract_image_chip on float64 images (which skips dlib's uint8 truncation).
 from __future__ import annotations
 
 import collections
-import glob
 import os
 from pathlib import Path
 
@@ -30,8 +29,8 @@ from speech2face.dlib_resnet import (  # noqa: E402
 )
 from speech2face.faces import load_dlib_model, model_paths  # noqa: E402
 
-PHOTOS = sorted(glob.glob("/work/shared/media/faces/*.*"))
 REPO = Path(__file__).resolve().parents[1]
+PHOTOS = sorted(str(path) for path in (REPO.parent / "shared" / "media" / "faces").glob("*.*"))
 CROPS = REPO / "data" / "faces" / "crops-00000.npy"
 CROP_LANDMARKS = REPO / "data" / "faces" / "landmarks-00000.npy"
 N_CROPS = 8

@@ -5,11 +5,9 @@ compute_face_descriptor on real faces, and backend construction errors."""
 from __future__ import annotations
 
 import dataclasses
-import glob
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 import pytest
 import torch
 
@@ -17,8 +15,8 @@ from speech2face.face_backends import (VGGFACE_MEAN_RGB, BackendError, Dlib128Ba
                                        build_vggface, load_vggface_weights, make_backend)
 
 REPO = Path(__file__).resolve().parents[1]
-PHOTOS = sorted(glob.glob("/work/shared/media/faces/*.*"))
-EXTRACT_SHARDS = sorted((REPO / "data" / "extracted").glob("shard-*.npz"))
+PHOTOS = sorted((REPO.parent / "shared" / "media" / "faces").glob("*.*"))
+SAMPLE_VIDEOS = sorted((REPO / "data" / "sample" / "videos").glob("*.mp4"))   # in the repository
 N_CLIP_FACES = 12
 # Default dlib128 (torch forward) vs dlib's compute_face_descriptor: measured at most 4.8e-7
 # in any component over 278 real faces (float32 rounding; components are about 0.1). The
@@ -149,12 +147,12 @@ def test_dlib128_interface() -> None:
 def real_faces():
     """AlignedFaces (with their frames) of real images, found by the pipeline's analyzer:
     every face of the test photos (large ones included, which dlib pyramids down before
-    cutting the chip) and the middle frames' faces of the first clips of the extract stage's
-    output (320x240 video frames, small faces)."""
+    cutting the chip) and a face of the middle frame of the first sample videos (320x240
+    video frames, small faces)."""
     from PIL import Image
 
-    from speech2face import extracted
     from speech2face.faces import FaceAnalyzer
+    from speech2face.media import decode_clip
 
     analyzer = FaceAnalyzer("hog", upsample=1)
     faces = []
@@ -167,20 +165,22 @@ def real_faces():
             if outcome.face is not None:
                 faces.append(outcome.face)
     clip_faces = 0
-    for shard in EXTRACT_SHARDS[:1]:
-        source = extracted.load_shard(shard)
-        table = pd.read_csv(shard.with_suffix(".csv"))
-        centres = dict(zip(table["clip_id"], zip(table["x"], table["y"])))
-        for i, clip_id in enumerate(source.clip_ids):
-            frames = source.frames(i)
-            outcome = analyzer.analyse_frame(frames[len(frames) // 2], *centres[clip_id])
+    for video in SAMPLE_VIDEOS:
+        frames = decode_clip(video, 3)[1]      # as the extract stage decodes them
+        frame = frames[len(frames) // 2]
+        height, width = frame.shape[:2]
+        boxes = analyzer.detect(frame)
+        if boxes:
+            left, top, right, bottom = boxes[0]
+            outcome = analyzer.analyse_frame(frame, ((left + right) / 2 + 0.5) / width,
+                                             ((top + bottom) / 2 + 0.5) / height)
             if outcome.face is not None:
                 faces.append(outcome.face)
                 clip_faces += 1
-            if clip_faces == N_CLIP_FACES:
-                break
+        if clip_faces == N_CLIP_FACES:
+            break
     if len(faces) < 10:
-        pytest.skip(f"only {len(faces)} real faces (test photos or data/extracted absent)")
+        pytest.skip(f"only {len(faces)} real faces (test photos or sample videos absent)")
     return faces
 
 
@@ -211,7 +211,7 @@ def test_dlib128_equals_dlibs_own_descriptor_on_real_faces(real_faces, dlib_refe
     # The faces are varied: large ones from the photos (dlib pyramids them down first), small
     # ones from the video frames, all far apart from one another.
     widths = [face.box[2] - face.box[0] for face in real_faces]
-    assert (max(widths) > 300 or not PHOTOS) and (min(widths) < 100 or not EXTRACT_SHARDS)
+    assert (max(widths) > 300 or not PHOTOS) and min(widths) < 100
     distances = np.linalg.norm(dlib_reference[:, None] - dlib_reference[None], axis=-1)
     assert distances[np.triu_indices(len(real_faces), 1)].min() > 100 * DESCRIPTOR_TOLERANCE
 
