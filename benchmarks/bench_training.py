@@ -332,6 +332,8 @@ def measure(quick: bool = False, batch: int | None = None, steps: int | None = N
                               fp32["mean_data_wait_seconds"] * 1e3, "ms", "training step time",
                               fp32["mean_step_seconds"] * 1e3, "lower", "ratio = share of the step spent waiting"))
 
+        for i in range(len(pairs)):   # page cache warm for both loaders, as after a first epoch
+            pairs.spectrogram(i).sum()
         for workers in (0, 2):
             loader_batch = 8   # the paper's batch
             stored = loader_throughput(pairs, loader_batch, workers, float32_in_loader=False, samples=80 if quick else 400)
