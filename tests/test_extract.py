@@ -12,7 +12,7 @@ import pandas as pd
 import pytest
 
 from speech2face import extracted
-from speech2face.extract import run_extract
+from speech2face.extract import DecoderPool, crashed_clip, extract_clip, run_extract
 from speech2face.media import probe
 from speech2face.tables import read_table, write_table
 
@@ -134,3 +134,29 @@ def _load(name: str, filename: str):
     sys.modules[name] = module  # stages fingerprint their own source through sys.modules
     spec.loader.exec_module(module)
     return module
+
+
+def decode_or_crash(clip_id: str, *rest):
+    """extract_clip, except that a clip named crash* kills its process with a real SIGSEGV,
+    as a decoder bug on a hostile file would (in-process FFmpeg cannot catch that)."""
+    if clip_id.startswith("crash"):
+        import ctypes
+
+        ctypes.string_at(0)
+    return extract_clip(clip_id, *rest)
+
+
+def test_a_decoder_crash_fails_only_its_clip(clips) -> None:
+    _, clips_dir = clips
+    ids = ["flv0", "crash0", "flv1", "flv2"]
+    paths = [clips_dir / f"{'flv0' if i.startswith('crash') else i}.flv" for i in ids]
+    n = len(ids)
+    with DecoderPool(2) as pool:
+        results = list(pool.map(decode_or_crash, ids, paths, [3] * n, [16000] * n, [320] * n,
+                                on_crash=crashed_clip))
+        assert [(r.clip_id, r.status, r.reason) for r in results] == [
+            ("flv0", "ok", ""), ("crash0", "failed", "decoder_crashed"), ("flv1", "ok", ""), ("flv2", "ok", "")]
+        assert all(len(r.frames) == 3 for r in results if r.status == "ok")
+        again = list(pool.map(decode_or_crash, ids[2:], paths[2:], [3] * 2, [16000] * 2, [320] * 2,
+                              on_crash=crashed_clip))   # the next shard gets a working pool
+        assert [r.status for r in again] == ["ok", "ok"]

@@ -13,7 +13,8 @@ from __future__ import annotations
 import contextlib
 import sys
 import multiprocessing
-from concurrent.futures import Executor, ProcessPoolExecutor
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -54,14 +55,68 @@ def extract_clip(clip_id: str, path: Path, frames_per_clip: int, sample_rate: in
                       len(audio) / sample_rate, width, height)
 
 
+class DecoderPool:
+    """``workers`` spawned processes that decode clips. A clip whose process dies (a decoder
+    crash on a hostile file: in-process FFmpeg cannot isolate it the way a crashed ffmpeg
+    program was) becomes that clip's failure, not the stage's: the clips the broken pool
+    had not answered are retried one per fresh process, and the pool is started again for
+    the next shard."""
+
+    def __init__(self, workers: int):
+        self.workers = workers
+        self._pool: ProcessPoolExecutor | None = None
+
+    def map(self, fn, *iterables, on_crash):
+        """Like ``Executor.map``; ``on_crash(*args)`` is the result for a call that crashed."""
+        calls = list(zip(*iterables))
+        if self._pool is None:
+            self._pool = ProcessPoolExecutor(self.workers, mp_context=_SPAWN)
+        futures = [self._pool.submit(fn, *args) for args in calls]
+        for args, future in zip(calls, futures):
+            try:
+                yield future.result()
+            except BrokenProcessPool:
+                self.close()   # every unanswered call failed with it; the next shard gets a new pool
+                yield self._isolated(fn, args, on_crash)
+
+    @staticmethod
+    def _isolated(fn, args, on_crash):
+        with ProcessPoolExecutor(1, mp_context=_SPAWN) as one:
+            try:
+                return one.submit(fn, *args).result()
+            except BrokenProcessPool:
+                return on_crash(*args)
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+            self._pool = None
+
+    def __enter__(self) -> "DecoderPool":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+# spawned, not forked: the stage process holds threads (progress bar) and FFmpeg state
+_SPAWN = multiprocessing.get_context("spawn")
+
+
+def crashed_clip(clip_id: str, *_) -> ClipResult:
+    return ClipResult(clip_id, FAILED, "decoder_crashed")
+
+
 def extract_shard(rows: pd.DataFrame, clips_dir: Path, frames_per_clip: int, sample_rate: int,
-                  frame_max_side: int, pool: Executor | None, bar) -> tuple[list[ClipResult], pd.DataFrame]:
-    """Decode one shard's clips, in parallel on ``pool`` (worker processes: PyAV holds the
-    GIL for much of a decode, so threads would gain little) or, without one, in turn."""
+                  frame_max_side: int, pool: DecoderPool | None, bar) -> tuple[list[ClipResult], pd.DataFrame]:
+    """Decode one shard's clips on ``pool`` (worker processes: PyAV holds the GIL for much of
+    a decode, so threads would gain little, and a process isolates a decoder crash) or,
+    without one (a dask task: the task's process is the isolation), in turn."""
     paths = [clips_dir / Path(path).name for path in rows["path"]]
     n = len(paths)
-    calls = (pool.map if pool is not None else map)(
-        extract_clip, list(rows["clip_id"]), paths, [frames_per_clip] * n, [sample_rate] * n, [frame_max_side] * n)
+    args = (extract_clip, list(rows["clip_id"]), paths, [frames_per_clip] * n, [sample_rate] * n,
+            [frame_max_side] * n)
+    calls = pool.map(*args, on_crash=crashed_clip) if pool is not None else map(*args)
     results = []
     for result in calls:
         results.append(result)
@@ -82,7 +137,7 @@ def extract_shard(rows: pd.DataFrame, clips_dir: Path, frames_per_clip: int, sam
 
 
 def write_extract_shard(rows: pd.DataFrame, clips_dir: Path, out_dir: Path, shard: str, frames_per_clip: int,
-                        sample_rate: int, frame_max_side: int, pool: Executor | None, bar) -> pd.DataFrame:
+                        sample_rate: int, frame_max_side: int, pool: DecoderPool | None, bar) -> pd.DataFrame:
     """One whole shard: its clips decoded, the npz of those that worked, then its table
     (last and atomic: marks the shard done). Returns the table."""
     results, table = extract_shard(rows, clips_dir, frames_per_clip, sample_rate, frame_max_side, pool, bar)
@@ -132,10 +187,8 @@ def run_extract(download_manifest: Path, clips_dir: Path, out_dir: Path, frames_
                 first_clip = Path(clips_dir) / Path(by_id.loc[clip_ids[0], "path"]).name
                 executor = stack.enter_context(engines.make_executor(
                     engine, cluster_address, workers, shared=[out_dir, first_clip]))
-                if executor.in_process and workers > 1:
-                    # spawned, not forked: the stage process may hold threads (progress bar)
-                    pool = stack.enter_context(ProcessPoolExecutor(
-                        workers, mp_context=multiprocessing.get_context("spawn")))
+                if executor.in_process:   # one worker too: the process isolates a decoder crash
+                    pool = stack.enter_context(DecoderPool(workers))
             here = executor.in_process
             pending[name] = executor.submit(
                 write_extract_shard, by_id.loc[clip_ids], Path(clips_dir) if here else Path(clips_dir).resolve(),
