@@ -6,19 +6,17 @@ Random data, cosine metric: a gallery of unit-variance Gaussian vectors (128-D i
 4096-D stored as float16, which halves its memory), queries = their true gallery item +
 Gaussian noise. Three ways of getting every query's rank (R@K follows from the ranks):
 
-- ``naive``: the full (queries x gallery) distance matrix at once
-  (retrieval.pairwise_distance), then a count per row. It is the baseline, run on as many
+- ``naive``: the full (queries x gallery) cosine similarity matrix at once, then a count
+  per row (the same rule: items at least as close). It is the baseline, run on as many
   queries as keep that matrix under ``naive_entries`` floats and ``naive_flops`` (the
   full 10,000-query matrix would take 40 GB at 1e6 items); the figures compare queries/s.
-- ``true_ranks``: the existing chunked function (speech2face.retrieval.true_ranks), on a
-  query subset where the full run would take minutes.
-- ``streamed``: speech2face.retrieval.true_ranks_streamed, always on all queries.
+- ``streamed``: speech2face.retrieval.true_ranks, always on all queries.
 
-Top-k (k=100, for galleries of pictures): top_k_streamed on all queries against the
-existing top_k (one 1024-query chunk x the whole gallery at a time) on a query subset.
+Top-k (k=100, for galleries of pictures): retrieval.top_k on all queries against the naive
+full matrix + torch.topk on a query subset.
 Each result is checked against the baseline's on the queries both ran: identical, or
 differing only where items' similarities lie within float32 rounding of each other
-(the naive path and true_ranks compare 1 - s, which rounds coarser than s itself).
+(and true_ranks counts scores within float32 rounding of the true one as ties).
 
 Peak memory is what each call adds to the process's resident set (benchlib.PeakMemory).
 """
@@ -48,9 +46,9 @@ NOISE = 3.0
 
 FULL = {"queries": 10_000, "sizes": {128: [1_000, 10_000, 100_000, 1_000_000], 4096: [1_000, 10_000, 100_000]},
         "top_k_sizes": {128: [1_000, 10_000, 100_000, 1_000_000]},
-        "naive_entries": 2.5e8, "naive_flops": 1e12, "existing_entries": 1e9, "existing_flops": 2e12}
+        "naive_entries": 2.5e8, "naive_flops": 1e12}
 QUICK = {"queries": 1_000, "sizes": {128: [1_000, 10_000], 4096: [1_000]}, "top_k_sizes": {128: [10_000]},
-         "naive_entries": 2.5e7, "naive_flops": 1e11, "existing_entries": 2e8, "existing_flops": 2e11}
+         "naive_entries": 2.5e7, "naive_flops": 1e11}
 STORAGE = {128: np.float32, 4096: np.float16}
 STOPPED_4096 = ("4096-D stops at 1e5 items: 1e6 x 4096 fits in memory only as float16 (8 GB of this machine's RAM; "
                 "float32 would be 16 GB), and 10,000 queries against it are 8.2e13 FLOP, over 10 minutes at this "
@@ -70,13 +68,24 @@ def make_data(n_gallery: int, dim: int, n_queries: int, seed: int) -> tuple[np.n
     return gallery, queries, true_index
 
 
+def naive_similarity(queries: np.ndarray, gallery: np.ndarray) -> torch.Tensor:
+    """The whole (queries x gallery) cosine similarity matrix in memory at once."""
+    q = torch.nn.functional.normalize(torch.as_tensor(queries, dtype=torch.float32), dim=-1)
+    g = torch.nn.functional.normalize(torch.from_numpy(gallery.astype(np.float32)), dim=-1)
+    return q @ g.T
+
+
 def naive_ranks(queries: np.ndarray, gallery: np.ndarray, true_index: np.ndarray) -> np.ndarray:
-    """The whole (queries x gallery) distance matrix in memory at once, then a count per row."""
+    """The full matrix, then per row the other items at least as similar as the true one."""
     with torch.no_grad():
-        d = retrieval.pairwise_distance(torch.as_tensor(queries), torch.from_numpy(gallery.astype(np.float32)),
-                                        "cosine")
-        true = d[torch.arange(len(d)), torch.as_tensor(true_index)]
-        return (d < true[:, None]).sum(dim=1).numpy()
+        s = naive_similarity(queries, gallery)
+        true = s[torch.arange(len(s)), torch.as_tensor(true_index)]
+        return ((s >= true[:, None]).sum(dim=1) - 1).numpy()
+
+
+def naive_top_k(queries: np.ndarray, gallery: np.ndarray, k: int) -> np.ndarray:
+    with torch.no_grad():
+        return torch.topk(naive_similarity(queries, gallery), k, dim=1).indices.numpy()
 
 
 def _unit64(x: np.ndarray) -> np.ndarray:
@@ -87,8 +96,7 @@ def _unit64(x: np.ndarray) -> np.ndarray:
 def rounding_tolerance(dim: int) -> float:
     """How far apart two cosine similarities of float32 unit vectors can be and still swap
     order in float32 arithmetic: the dot product's rounding error is at most about
-    dim x float32 epsilon; the naive and true_ranks paths also round 1 - s, whose spacing
-    near 1 is the same epsilon."""
+    dim x float32 epsilon."""
     return dim * float(np.finfo(np.float32).eps)
 
 
@@ -147,7 +155,7 @@ def one_size(dim: int, n_gallery: int, config: dict, seed: int, top_k: bool) -> 
     row: dict = {"dim": dim, "gallery": n_gallery, "storage": np.dtype(STORAGE[dim]).name, "queries": n_queries,
                  "gallery_mb": gallery.nbytes / 2**20,
                  "full_matrix_mb": n_queries * n_gallery * 4 / 2**20}
-    streamed = measured(lambda: retrieval.true_ranks_streamed(queries, gallery, true_index))
+    streamed = measured(lambda: retrieval.true_ranks(queries, gallery, true_index))
     ranks = streamed.pop("result")
     row["streamed"] = {**streamed, "queries_per_second": n_queries / streamed["seconds"]}
     row["recall"] = retrieval.recall_at_k(ranks, retrieval.PAPER_KS, n_gallery)
@@ -159,43 +167,34 @@ def one_size(dim: int, n_gallery: int, config: dict, seed: int, top_k: bool) -> 
                     "agreement_with_streamed": compare_ranks(naive["result"], ranks[:m], queries[:m], gallery,
                                                              true_index[:m])}
 
-    m = subset_size(n_queries, n_gallery, dim, config["existing_entries"], config["existing_flops"])
-    existing = measured(lambda: retrieval.true_ranks(queries[:m], gallery, true_index[:m]))
-    row["true_ranks"] = {**{k: v for k, v in existing.items() if k != "result"}, "queries": m,
-                         "queries_per_second": m / existing["seconds"],
-                         "agreement_with_streamed": compare_ranks(existing["result"], ranks[:m], queries[:m],
-                                                                  gallery, true_index[:m])}
-
     if top_k:
-        streamed_top = measured(lambda: retrieval.top_k_streamed(queries, gallery, K_TOP))
+        streamed_top = measured(lambda: retrieval.top_k(queries, gallery, K_TOP))
         top = streamed_top.pop("result")
-        row["top_k_streamed"] = {**streamed_top, "k": K_TOP, "queries_per_second": n_queries / streamed_top["seconds"]}
+        row["top_k"] = {**streamed_top, "k": K_TOP, "queries_per_second": n_queries / streamed_top["seconds"]}
         m = subset_size(n_queries, n_gallery, dim, config["naive_entries"], config["naive_flops"])
-        old = measured(lambda: retrieval.top_k(queries[:m], gallery, K_TOP))
-        row["top_k"] = {**{k: v for k, v in old.items() if k != "result"}, "k": K_TOP, "queries": m,
-                        "queries_per_second": m / old["seconds"],
-                        "agreement_with_streamed": compare_top_k(old["result"], top[:m], queries[:m], gallery)}
+        old = measured(lambda: naive_top_k(queries[:m], gallery, K_TOP))
+        row["naive_top_k"] = {**{k: v for k, v in old.items() if k != "result"}, "k": K_TOP, "queries": m,
+                              "queries_per_second": m / old["seconds"],
+                              "agreement_with_streamed": compare_top_k(old["result"], top[:m], queries[:m], gallery)}
     return row
 
 
 def figures_of(row: dict) -> list[dict]:
     size = f"{row['dim']}-D, gallery {row['gallery']:.0e}".replace("e+0", "e")
-    s, n, old = row["streamed"], row["naive"], row["true_ranks"]
+    s, n = row["streamed"], row["naive"]
     out = [
         figure(f"R@K ranks, streamed, {size}", s["queries_per_second"], "queries/s",
                f"naive full matrix ({n['queries']} queries)", n["queries_per_second"], "higher",
                f"{row['queries']} queries in {s['seconds']:.2f} s"),
-        figure(f"R@K ranks, existing true_ranks, {size}", old["queries_per_second"], "queries/s",
-               f"naive full matrix ({n['queries']} queries)", n["queries_per_second"], "higher",
-               f"on {old['queries']} queries"),
         figure(f"R@K ranks, streamed, peak memory added, {size}", max(s["memory"]["peak_extra_mb"], 0.1), "MB",
                f"the full {row['queries']} x gallery float32 matrix", row["full_matrix_mb"], "lower",
                f"naive on {n['queries']} queries added {n['memory']['peak_extra_mb']:.0f} MB"),
     ]
-    if "top_k_streamed" in row:
-        t, old_t = row["top_k_streamed"], row["top_k"]
+    if "top_k" in row:
+        t, old_t = row["top_k"], row["naive_top_k"]
         out.append(figure(f"top-{t['k']}, streamed, {size}", t["queries_per_second"], "queries/s",
-                          f"existing top_k ({old_t['queries']} queries)", old_t["queries_per_second"], "higher",
+                          f"naive full matrix + topk ({old_t['queries']} queries)", old_t["queries_per_second"],
+                          "higher",
                           f"{row['queries']} queries in {t['seconds']:.2f} s, "
                           f"peak +{t['memory']['peak_extra_mb']:.0f} MB"))
     return out

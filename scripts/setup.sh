@@ -26,20 +26,21 @@ fi
 PIP=(.venv/bin/python -m pip --disable-pip-version-check -q)
 
 stamp=.venv/.speech2face-setup
-want="$(cat pyproject.toml scripts/setup.sh | sha256sum | cut -c1-16)"
+want="$(cat requirements.lock pyproject.toml scripts/setup.sh | sha256sum | cut -c1-16)"
 if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
   echo "setup: .venv up to date"
   exit 0
 fi
 
-# setuptools<81: face_recognition_models imports pkg_resources.
-"${PIP[@]}" install --upgrade pip "setuptools<81" wheel
-# torch==2.13.0 is a CPU build on this machine's disk; anything unpinned pulls CUDA (GBs).
-"${PIP[@]}" install torch==2.13.0
-# dlib-bin is a prebuilt dlib (building dlib takes ~8 min); face_recognition would pull the
-# source dlib, so it goes in without deps.
-"${PIP[@]}" install dlib-bin face_recognition_models
-"${PIP[@]}" install --no-deps face_recognition==1.3.0
-"${PIP[@]}" install -e ".[test]"
+# Every package at the exact version in requirements.lock (made by scripts/lock.sh), without
+# resolving anything: a fresh machine gets the environment the tests passed with. Notes on
+# three of them: setuptools<81 (face_recognition_models imports pkg_resources); torch 2.13.0
+# is a CPU build on this machine's disk (anything unpinned pulls CUDA, GBs); dlib-bin is a
+# prebuilt dlib, so face_recognition's dependency on the source dlib (8 min to build) is
+# never installed. This machine's pip configuration names package folders that do not
+# exist; pip's warning about each is dropped, any other message is shown.
+echo "setup: installing $(grep -c '==' requirements.lock) pinned packages from requirements.lock"
+"${PIP[@]}" install --no-deps -r requirements.lock 2> >(grep -v "^WARNING: Location '.*' is ignored" >&2)
+"${PIP[@]}" install --no-deps -e . 2> >(grep -v "^WARNING: Location '.*' is ignored" >&2)
 echo "$want" > "$stamp"
 echo "setup: done"

@@ -31,7 +31,7 @@ GRID_FACES = 6
 def read_config(p: dict) -> DecoderConfig:
     config = dataclass_from_params(DecoderConfig, SECTION, p, choices={"identity_net": IDENTITY_NETS},
                                    positive=("width", "epochs", "batch_size", "lr", "eps", "lr_decay",
-                                             "lr_decay_steps"))
+                                             "lr_decay_steps", "threads"))
     check(0 < config.beta1 < 1 and 0 < config.beta2 < 1, SECTION, "beta1", config.beta1, "in (0, 1)")
     return config
 

@@ -43,7 +43,7 @@ DECODER = Path("models/face_decoder.pt")
 def read_config(p: dict) -> EncoderConfig:
     config = dataclass_from_params(EncoderConfig, SECTION, p, choices={"input_mode": INPUT_MODES},
                                    positive=("width", "epochs", "batch_size", "lr", "eps", "temperature",
-                                             "lr_decay", "lr_decay_steps", "processes"))
+                                             "lr_decay", "lr_decay_steps", "processes", "threads"))
     check(0 < config.beta1 < 1 and 0 < config.beta2 < 1, SECTION, "beta1", config.beta1, "in (0, 1)")
     return config
 

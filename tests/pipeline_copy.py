@@ -24,9 +24,10 @@ def deep_merge(base: dict, overrides: dict) -> dict:
     return merged
 
 
-def make_project_copy(dest: Path, overrides: dict | None = None) -> Path:
+def make_project_copy(dest: Path, overrides: dict | None = None, tiny: bool = True) -> Path:
     """Copy the git-tracked project (and data/sample) to ``dest``, apply the tiny profile
-    plus ``overrides`` to params.yaml, and make it a fresh git + DVC repository."""
+    (unless ``tiny`` is False: then params.yaml and dvc.lock stay as committed) plus
+    ``overrides`` to params.yaml, and make it a fresh git + DVC repository."""
     files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=ROOT, check=True,
                            capture_output=True, text=True).stdout.split()
     for rel in files:
@@ -37,12 +38,12 @@ def make_project_copy(dest: Path, overrides: dict | None = None) -> Path:
     shutil.copytree(ROOT / "data" / "sample", dest / "data" / "sample", dirs_exist_ok=True)
     shutil.copytree(ROOT / ".dvc", dest / ".dvc", dirs_exist_ok=True,
                     ignore=shutil.ignore_patterns("cache", "tmp", "config.local"))
-    for stale in ("dvc.lock",):
-        (dest / stale).unlink(missing_ok=True)
-    params = yaml.safe_load((dest / "params.yaml").read_text())
-    tiny = yaml.safe_load((ROOT / "tests" / "params_tiny.yaml").read_text())
-    params = deep_merge(deep_merge(params, tiny), overrides or {})
-    (dest / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    if tiny or overrides:
+        (dest / "dvc.lock").unlink(missing_ok=True)
+        params = yaml.safe_load((dest / "params.yaml").read_text())
+        profile = yaml.safe_load((ROOT / "tests" / "params_tiny.yaml").read_text()) if tiny else {}
+        params = deep_merge(deep_merge(params, profile), overrides or {})
+        (dest / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     run(["git", "init", "-q"], dest)
     run(["git", "add", "-A"], dest)
     run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "copy"], dest)

@@ -15,6 +15,7 @@ GET without a Range header; ffmpeg's and ffprobe's reads always carry one.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import importlib.util
 import os
 import re
@@ -62,11 +63,17 @@ stage = _load_stage()
 
 @pytest.fixture(scope="module")
 def test_video(tmp_path_factory) -> Path:
-    """10 s of testsrc (every frame different) + a sine, H.264 with a keyframe every 2 s, so a
-    cut that snapped to a keyframe would start at 0, 2, 4... s and be caught."""
+    """10 s of video whose frames carry their own number + a sine, H.264 with a keyframe every
+    2 s, so a cut that snapped to a keyframe would start at 0, 2, 4... s and be caught.
+
+    Frame N is two flat grey halves, luma 16 * (N mod 16) + 8 on the left and
+    16 * (N // 16) + 8 on the right: lossy re-encoding moves a level by a few units, never
+    by 8, so every frame of a clip reads back as exactly one source frame number."""
     path = tmp_path_factory.mktemp("video") / "video.mp4"
+    numbered = (f"nullsrc=size={SIZE[0]}x{SIZE[1]}:rate={FPS}:duration=10,"
+                f"geq=lum='if(lt(X,{SIZE[0] // 2}),16*mod(N,16)+8,16*floor(N/16)+8)':cb=128:cr=128")
     subprocess.run(["ffmpeg", "-v", "error", "-y",
-                    "-f", "lavfi", "-i", f"testsrc=size={SIZE[0]}x{SIZE[1]}:rate={FPS}:duration=10",
+                    "-f", "lavfi", "-i", numbered,
                     "-f", "lavfi", "-i", "sine=frequency=440:sample_rate=44100:duration=10",
                     "-c:v", "libx264", "-preset", "ultrafast", "-g", str(2 * FPS), "-pix_fmt", "yuv420p",
                     "-c:a", "aac", "-b:a", "64k", "-movflags", "+faststart", "-shortest", str(path)],
@@ -210,14 +217,18 @@ def _run(tmp_path: Path, csv_lines: list[str], url_template: str, **overrides):
     return manifest.set_index("line", drop=False)
 
 
-def _gray_frames(path: Path) -> np.ndarray:
-    raw = subprocess.run(["ffmpeg", "-v", "error", "-i", str(path), "-f", "rawvideo", "-pix_fmt", "gray", "-"],
+def _frame_numbers(path: Path) -> list[int]:
+    """The source frame number of every decoded frame of a clip of ``test_video``, read from
+    the luma plane (no range conversion) in the middle of each half."""
+    raw = subprocess.run(["ffmpeg", "-v", "error", "-i", str(path), "-f", "rawvideo", "-pix_fmt", "yuv420p", "-"],
                          check=True, capture_output=True).stdout
-    return np.frombuffer(raw, np.uint8).reshape(-1, SIZE[1], SIZE[0]).astype(np.float32)
-
-
-def _best_match(frame: np.ndarray, source: np.ndarray) -> int:
-    return int(np.argmin(np.abs(source - frame).mean(axis=(1, 2))))
+    width, height = SIZE
+    frames = np.frombuffer(raw, np.uint8).reshape(-1, width * height * 3 // 2)[:, :width * height]
+    luma = frames.reshape(-1, height, width).astype(np.float64)
+    quarter = width // 4
+    low = np.rint((luma[:, :, quarter // 2:quarter + quarter // 2].mean(axis=(1, 2)) - 8) / 16)
+    high = np.rint((luma[:, :, 2 * quarter + quarter // 2:3 * quarter + quarter // 2].mean(axis=(1, 2)) - 8) / 16)
+    return [int(n) for n in low + 16 * high]
 
 
 def _codecs(path: Path) -> list[str]:
@@ -254,12 +265,10 @@ def test_http_section_cut_is_exact(media_server: MediaServer, test_video: Path, 
     measured = probe(clip).duration
     assert abs(measured - 3.4) < 0.15 and row.duration == pytest.approx(measured, abs=1e-3)
     assert _codecs(clip) == ["aac", "h264"]
-    # The clip's first and last frames are the source's frames at 1.6 s and just before 5.0 s:
-    # not the keyframe at 0 or 2 s that a stream copy would have started from.
-    source, frames = _gray_frames(test_video), _gray_frames(clip)
-    assert _best_match(frames[0], source) == round(1.6 * FPS)
-    assert _best_match(frames[-1], source) == round(5.0 * FPS) - 1
-    assert len(frames) == round(3.4 * FPS) == _video_packets(clip)
+    # Frame-exact: the clip holds exactly the source frames that start in [1.6 s, 5.0 s),
+    # each once (not from the keyframe at 0 or 2 s that a stream copy would start from).
+    assert _frame_numbers(clip) == list(range(round(1.6 * FPS), round(5.0 * FPS)))
+    assert _video_packets(clip) == round(3.4 * FPS)
 
     for line in (2, 3):  # permanent: one attempt, the reason names the video's length
         assert m.loc[line, "status"] == "failed" and m.loc[line, "attempts"] == 1
@@ -268,6 +277,31 @@ def test_http_section_cut_is_exact(media_server: MediaServer, test_video: Path, 
     assert media_server.requests("/v/vid3.mp4") == []  # too short: never fetched
     assert sorted(_final_clips(tmp_path / "clips")) == ["vid0_00001600_00005000"]
     assert not list((tmp_path / "clips").glob(".tmp-*"))
+
+
+def test_clips_and_manifest_are_byte_identical_across_runs(media_server: MediaServer, test_video: Path,
+                                                           tmp_path: Path) -> None:
+    """The same rows give the same bytes in another folder and another run, on both paths
+    (yt-dlp's http section download and the file:// cut): DVC hashes, hence every later
+    stage, depend on it."""
+    videos = tmp_path / "videos"
+    videos.mkdir()
+    (videos / "vid0.mp4").symlink_to(test_video)
+    (videos / "bad.mp4").write_bytes(b"\x00\x00\x00\x18ftypmp42" + bytes(range(256)) * 64)  # corrupt
+    rows = ["vid0,1.6,5.0,0.5,0.5", "vid0,5.2,8.0,0.5,0.5", "bad,1.0,3.0,0.5,0.5"]
+    digests = []
+    for run, (template, file_urls) in enumerate([(media_server.template("v"), False)] * 2 +
+                                                [("file://{root}/videos/{id}.mp4", True)] * 2):
+        folder = tmp_path / f"run{run}"
+        folder.mkdir()
+        m = _run(folder, rows, template, root=tmp_path, allow_file_urls=file_urls)
+        assert list(m["status"]) == ["ok", "ok", "failed"]
+        # the failure's message names no random temp folder (the file:// path cuts in one)
+        assert ".tmp-" not in m.loc[3, "reason"], m.loc[3, "reason"]
+        digests.append([hashlib.md5(Path(p).read_bytes()).hexdigest() for p in m["path"] if p]
+                       + [(folder / "manifests" / "download.csv").read_text().replace(f"run{run}/", "")])
+    assert "run0" not in digests[0][-1] and str(tmp_path) not in digests[0][-1]  # paths relative to the root
+    assert digests[0] == digests[1] and digests[2] == digests[3]
 
 
 def test_404_is_permanent_and_not_retried(media_server: MediaServer, tmp_path: Path) -> None:
@@ -354,7 +388,7 @@ def test_kill_and_resume(media_server: MediaServer, tmp_path: Path) -> None:
         assert (fetched == []) == (youtube_id in finished_ids), youtube_id
     manifest = read_table(manifest_path)
     assert list(manifest["status"]) == ["ok"] * len(ids)
-    assert {y for y, r in zip(manifest["youtube_id"], manifest["reason"]) if r == "reused"} == finished_ids
+    assert set(manifest["reason"]) == {""}  # reused or not: the manifest is what the clips are, not their history
     assert sorted(_final_clips(clips)) == sorted(manifest["clip_id"])
     for path in manifest["path"]:
         assert abs(probe(tmp_path / path).duration - 3.0) < 0.15
@@ -399,12 +433,14 @@ def test_file_urls(tmp_path: Path, test_video: Path) -> None:
     (tmp_path / "on").mkdir()
     m = _run(tmp_path / "on", rows, template, root=tmp_path, allow_file_urls=True, retries=3)
     row = m.loc[1]
-    assert row.status == "ok" and row.url == f"file://{tmp_path.resolve()}/videos/vid0.mp4"
+    assert row.status == "ok" and row.fetched_url == f"file://{tmp_path.resolve()}/videos/vid0.mp4"
+    # the manifest on disk names the source by the template, never by this folder's path
+    assert row.url == "file://{root}/videos/vid0.mp4"
+    assert str(tmp_path.resolve()) not in (tmp_path / "on" / "manifests" / "download.csv").read_text()
     clip = Path(row.path)
     assert clip.suffix == ".mp4" and _codecs(clip) == ["aac", "h264"] and abs(probe(clip).duration - 3.4) < 0.15
-    source, frames = _gray_frames(test_video), _gray_frames(clip)
-    assert _best_match(frames[0], source) == round(1.6 * FPS)
-    assert len(frames) == round(3.4 * FPS) == _video_packets(clip)
+    assert _frame_numbers(clip) == list(range(round(1.6 * FPS), round(5.0 * FPS)))
+    assert _video_packets(clip) == round(3.4 * FPS)
     assert m.loc[2, "status"] == "failed" and m.loc[2, "reason"].startswith("segment_outside_video")
     assert (m.loc[3, "status"], m.loc[3, "attempts"]) == ("failed", 1)  # a missing file is not retried
     assert m.loc[3, "reason"].startswith("not_found")
@@ -448,7 +484,7 @@ def test_malformed_duplicate_and_limit(tmp_path: Path, test_video: Path) -> None
     # a smaller limit: only the first 3 rows, and clips of rows no longer listed are removed
     again = _run(tmp_path, lines, "file://{root}/videos/{id}.mp4", allow_file_urls=True, limit=3)
     assert list(again["line"]) == [1, 2, 3]
-    assert (again.loc[1, "status"], again.loc[1, "reason"]) == ("ok", "reused")
+    assert (again.loc[1, "status"], again.loc[1, "reason"], again.loc[1, "reused"]) == ("ok", "", True)
     assert sorted(_final_clips(tmp_path / "clips")) == [again.loc[1, "clip_id"]]
 
 
@@ -554,7 +590,7 @@ def test_words_in_a_path_are_not_read_as_youtube_states(tmp_path: Path) -> None:
 def test_availability_counts_videos_not_rows(tmp_path: Path) -> None:
     rows = [  # youtube_id, status, reason, attempts
         ("A", "ok", "", 1),
-        ("A", "ok", "reused", 0),
+        ("A", "ok", "", 0),  # reused from an earlier run
         ("B", "failed", "video_unavailable: Video unavailable. This video has been removed by the uploader", 1),
         ("B", "failed", "video_unavailable: Video unavailable. This video has been removed by the uploader", 1),
         ("B", "skipped", "duplicate_segment: same segment as line 3", 0),
@@ -574,7 +610,7 @@ def test_availability_counts_videos_not_rows(tmp_path: Path) -> None:
         ("O", "failed", "not_found: [Errno 2] No such file or directory", 1),  # or from the disk
     ]
     table = pd.DataFrame(rows, columns=["youtube_id", "status", "reason", "attempts"])
-    write_table(table, tmp_path / "download.csv")  # as the stage writes it and the next stage reads it
+    write_table(table, tmp_path / "download.csv")  # a CSV round trip: ids and reasons stay strings
     stats = availability(read_table(tmp_path / "download.csv"))
     # answered: A, B, C, F, I, L (ok besides its bot_check), M, N, O. Not: D, E (refused), G
     # (never fetched), H (bad row), K (interrupted). Gone: B, C, N, O.

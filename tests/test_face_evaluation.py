@@ -120,12 +120,13 @@ def test_identity_preservation_ignores_other_clips_of_the_same_identity() -> Non
 
 def test_image_retrieval_recall_at_k() -> None:
     gallery = np.eye(4)
-    assert image_retrieval(gallery.copy(), gallery, np.arange(4)) == {1: 1.0, 2: 1.0}
+    hits = image_retrieval(gallery.copy(), gallery, np.arange(4))
+    assert {k: v.tolist() for k, v in hits.items()} == {1: [1.0] * 4, 2: [1.0] * 4}
     # query 0 nearest its item; query 1 nearest item 2, then its own (rank 1);
     # query 2 nearest items 0, 3, then its own (rank 2)
     queries = np.array([[1.0, 0.1, 0, 0], [0, 0.6, 0.8, 0], [0.7, 0, 0.2, 0.5]])
-    recall = image_retrieval(queries, gallery, np.array([0, 1, 2]), ks=(1, 2, 3, 5))
-    assert recall == {1: pytest.approx(1 / 3), 2: pytest.approx(2 / 3), 3: 1.0}   # K = 5 > 4 items: left out
+    hits = image_retrieval(queries, gallery, np.array([0, 1, 2]), ks=(1, 2, 3, 5))
+    assert {k: v.tolist() for k, v in hits.items()} == {1: [1, 0, 0], 2: [1, 1, 0], 3: [1, 1, 1]}  # K = 5 > 4 items: left out
 
 
 # ------------------------------------------------------------------- real faces
@@ -191,8 +192,8 @@ def test_evaluate_decoded_faces_on_a_decoder_that_always_draws_obama(real_faces,
     with torch.no_grad():
         for last in (decoder.landmark_mlp[-1], decoder.texture_convs[-1]):
             last.weight.zero_()
-    figures, images = evaluate_decoded_faces(decoder, features, np.array(people), features, features,
-                                             np.arange(3), crops, analyzer, backend)
+    figures, images, per_query = evaluate_decoded_faces(decoder, features, np.array(people), features, features,
+                                                        np.arange(3), crops, analyzer, backend)
     for key in ("from_true", "from_voice"):
         assert images[key].shape == (3, SIZE, SIZE, 3) and images[key].dtype == np.uint8
         assert np.abs(images[key].astype(int) - obama["crop"][None].astype(int)).max() <= 1
@@ -203,6 +204,8 @@ def test_evaluate_decoded_faces_on_a_decoder_that_always_draws_obama(real_faces,
     assert figures["own_is_nearest"] == pytest.approx(1 / 3)
     assert figures["image_R@K"] == {1: pytest.approx(1 / 3), 2: pytest.approx(2 / 3)}
     assert figures["decoder_only_R@K"] == figures["image_R@K"]
+    assert per_query["image_hits"][1].tolist() == [1.0, 0.0, 0.0]   # only Obama's voice finds Obama
+    assert per_query["identity_cosine"].mean() == pytest.approx(own)
     # the reference figure comes from the real features alone
     normed = features / np.linalg.norm(features, axis=1, keepdims=True)
     cosines = normed @ normed.T

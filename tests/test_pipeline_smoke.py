@@ -4,6 +4,7 @@ and DVC's change detection. Tests in this module run in file order on one copy."
 
 from __future__ import annotations
 
+import difflib
 import json
 import shutil
 import socket
@@ -27,7 +28,19 @@ def project(tmp_path_factory) -> Path:
     dest = make_project_copy(tmp_path_factory.mktemp("project"))
     result = run(["dvc", "repro"], dest)
     (dest / "repro.log").write_text(result.stdout + result.stderr)
+    shutil.copy(dest / "dvc.lock", dest / "first-repro.lock")  # later tests here change params
     return dest
+
+
+def test_a_second_copy_on_one_core_gives_the_same_dvc_lock(project: Path, tmp_path_factory) -> None:
+    """Another folder, another run, one CPU instead of two: every stage output's hash in
+    dvc.lock is the same (no absolute path, time stamp or thread count reaches an output)."""
+    other = make_project_copy(tmp_path_factory.mktemp("elsewhere"))
+    one_core = ["taskset", "-c", "0"] if shutil.which("taskset") else []
+    run([*one_core, "dvc", "repro"], other)
+    first, second = (project / "first-repro.lock").read_text(), (other / "dvc.lock").read_text()
+    assert second == first, "\n".join(difflib.unified_diff(first.splitlines(), second.splitlines(), lineterm="",
+                                                            n=1))
 
 
 def test_data_stages_produce_aligned_outputs(project: Path) -> None:
@@ -54,6 +67,16 @@ def test_evaluation_reports(project: Path) -> None:
     assert n >= 2 and metrics["test_queries"] >= n
     assert metrics["chance_R@1"] == pytest.approx(1 / n)
     assert 0.0 <= metrics["R@1"] <= 1.0 and metrics["R@" + str(n)] == 1.0
+    for key in ("R@1", "ridge_R@1", "image_R@1", "cnn_cosine_angle_deg", "val_R@1"):
+        assert metrics[f"{key}_low"] <= metrics[key] <= metrics[f"{key}_high"], key
+    assert metrics["R@1_low"] < metrics["R@1_high"] or metrics["R@1"] in (0.0, 1.0)
+    difference = metrics["R@1"] - metrics["ridge_R@1"]
+    assert metrics["cnn_minus_ridge_R@1"] == pytest.approx(difference, abs=1e-6)
+    assert metrics["cnn_minus_ridge_R@1_low"] <= difference <= metrics["cnn_minus_ridge_R@1_high"]
+    assert metrics["val_identities"] >= 1 and metrics["val_queries"] >= metrics["val_identities"]
+    summary = (project / "reports/summary.md").read_text()
+    assert "## Validation split" in summary and "95 % interval" in summary
+    assert "cnn - ridge, R@1:" in summary and ("within noise" in summary or "a real difference" in summary)
     curve = (project / "reports/recall_at_k.csv").read_text().splitlines()
     assert curve[0] == "k,chance,cnn,ridge"
     for png in ("recall_at_k.png", "retrieval_gallery.png"):

@@ -1,8 +1,8 @@
 """The streamed (large-gallery) retrieval functions against the naive full-matrix computation.
 
 Tie-heavy cases use data on which float32 arithmetic is exact, so a tie is a real tie and
-the naive float64 reference, the existing ``true_ranks`` and the streamed functions must
-agree bit for bit, whatever the block sizes:
+the naive float64 reference and the streamed functions must agree exactly, whatever the
+block sizes:
 - cosine: vectors with exactly 16 entries of +-1 (the rest 0): every norm is 4, every
   normalised entry +-0.25 or 0, every dot product a multiple of 1/16;
 - l2 and l1: small integer vectors.
@@ -54,8 +54,10 @@ def naive_distances(queries: np.ndarray, gallery: np.ndarray, metric: str) -> np
 
 
 def naive_ranks(distances: np.ndarray, true_index: np.ndarray) -> np.ndarray:
+    """Items at least as close as the true item, the true item itself not counted (ties
+    count against the model)."""
     true = distances[np.arange(len(distances)), true_index]
-    return (distances < true[:, None]).sum(axis=1)
+    return (distances <= true[:, None]).sum(axis=1) - 1
 
 
 def naive_top_k(distances: np.ndarray, k: int) -> np.ndarray:
@@ -73,9 +75,8 @@ def test_streamed_ranks_equal_naive_with_ties(metric: str) -> None:
     # the data really is tie-heavy: many queries have items at exactly their true distance
     true = d[np.arange(len(d)), true_index]
     assert ((d == true[:, None]).sum(axis=1) > 1).mean() > 0.2
-    assert np.array_equal(retrieval.true_ranks(queries, gallery, true_index, metric), expected)
     for query_chunk, gallery_chunk in CHUNKS:
-        ranks = retrieval.true_ranks_streamed(queries, gallery, true_index, metric, query_chunk, gallery_chunk)
+        ranks = retrieval.true_ranks(queries, gallery, true_index, metric, query_chunk, gallery_chunk)
         assert ranks.dtype == np.int64
         assert np.array_equal(ranks, expected), (query_chunk, gallery_chunk)
 
@@ -87,7 +88,7 @@ def test_streamed_top_k_equal_naive_with_ties(metric: str) -> None:
     for k in (1, 6, 37, 250):
         expected = naive_top_k(d, min(k, len(gallery)))
         for query_chunk, gallery_chunk in CHUNKS:
-            got = retrieval.top_k_streamed(queries, gallery, k, metric, query_chunk, gallery_chunk)
+            got = retrieval.top_k(queries, gallery, k, metric, query_chunk, gallery_chunk)
             assert got.shape == (len(queries), min(k, len(gallery)))
             assert np.array_equal(got, expected), (k, query_chunk, gallery_chunk)
 
@@ -99,12 +100,10 @@ def test_streamed_functions_on_continuous_data_match_scipy(metric: str) -> None:
     true_index = rng.integers(0, 700, size=300)
     queries = gallery[true_index] + 0.9 * rng.normal(size=(300, 32)).astype(np.float32)
     d = cdist(queries, gallery, SCIPY[metric])
-    ranks = retrieval.true_ranks_streamed(queries, gallery, true_index, metric, query_chunk=64, gallery_chunk=97)
+    ranks = retrieval.true_ranks(queries, gallery, true_index, metric, query_chunk=64, gallery_chunk=97)
     assert np.array_equal(ranks, naive_ranks(d, true_index))
-    assert np.array_equal(ranks, retrieval.true_ranks(queries, gallery, true_index, metric))
-    top = retrieval.top_k_streamed(queries, gallery, 10, metric, query_chunk=64, gallery_chunk=97)
+    top = retrieval.top_k(queries, gallery, 10, metric, query_chunk=64, gallery_chunk=97)
     assert np.array_equal(top, np.argsort(d, axis=1, kind="stable")[:, :10])
-    assert np.array_equal(top[:, 0], retrieval.top_k(queries, gallery, 1, metric)[:, 0])
 
 
 def test_float16_memory_mapped_gallery_and_torch_inputs(tmp_path) -> None:
@@ -118,12 +117,12 @@ def test_float16_memory_mapped_gallery_and_torch_inputs(tmp_path) -> None:
     queries = gallery16[true_index].astype(np.float32) + 0.5 * rng.normal(size=(200, 16)).astype(np.float32)
     d = cdist(queries, gallery16.astype(np.float32), "cosine")
     expected = naive_ranks(d, true_index)
-    assert np.array_equal(retrieval.true_ranks_streamed(queries, mapped, true_index, gallery_chunk=128), expected)
+    assert np.array_equal(retrieval.true_ranks(queries, mapped, true_index, gallery_chunk=128), expected)
     import torch
 
-    assert np.array_equal(retrieval.true_ranks_streamed(torch.from_numpy(queries), torch.from_numpy(
+    assert np.array_equal(retrieval.true_ranks(torch.from_numpy(queries), torch.from_numpy(
         gallery16), true_index, gallery_chunk=128), expected)
-    assert np.array_equal(retrieval.top_k_streamed(queries, mapped, 5, gallery_chunk=128),
+    assert np.array_equal(retrieval.top_k(queries, mapped, 5, gallery_chunk=128),
                           np.argsort(d, axis=1, kind="stable")[:, :5])
 
 
@@ -131,11 +130,12 @@ def test_true_item_never_counts_and_bad_input_is_refused() -> None:
     gallery = np.eye(3, dtype=np.float32)
     queries = gallery.copy()
     # each query equals its true item and nothing else is as close: rank 0
-    assert retrieval.true_ranks_streamed(queries, gallery, np.array([0, 1, 2])).tolist() == [0, 0, 0]
-    # true item 1 for query 0: item 0 is strictly closer (rank 1); item 2 is equally far (not counted)
-    assert retrieval.true_ranks_streamed(queries[:1], gallery, np.array([1])).tolist() == [1]
+    assert retrieval.true_ranks(queries, gallery, np.array([0, 1, 2])).tolist() == [0, 0, 0]
+    # true item 1 for query 0: item 0 is strictly closer, item 2 is equally far (a tie,
+    # which counts against the model): rank 2
+    assert retrieval.true_ranks(queries[:1], gallery, np.array([1])).tolist() == [2]
     with pytest.raises(ValueError, match="outside the gallery"):
-        retrieval.true_ranks_streamed(queries, gallery, np.array([0, 1, 3]))
+        retrieval.true_ranks(queries, gallery, np.array([0, 1, 3]))
     with pytest.raises(ValueError, match="unknown metric"):
-        retrieval.top_k_streamed(queries, gallery, 2, metric="dot")
-    assert retrieval.top_k_streamed(queries[:0], gallery, 2).shape == (0, 2)
+        retrieval.top_k(queries, gallery, 2, metric="dot")
+    assert retrieval.top_k(queries[:0], gallery, 2).shape == (0, 2)

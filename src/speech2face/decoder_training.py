@@ -26,7 +26,8 @@ import torch.nn.functional as F
 
 from .decoder import FaceDecoder
 from .face_data import Faces, crops_to_tensor, mean_landmarks, target_textures
-from .fsutil import atomic_path
+from .determinism import fix_threads
+from .fsutil import atomic_path, save_torch
 from .reporting import progress
 from .training import TrainingError, best_epoch, load_checkpoint, make_optimizer, pick_device, save_checkpoint
 
@@ -49,6 +50,7 @@ class DecoderConfig:
     landmark_weight: float = 100.0
     identity_weight: float = 1.0
     identity_net: str = "dlib"      # IDENTITY_NETS
+    threads: int = 2                # torch/BLAS threads: fixed, so results do not depend on the machine
 
 
 class IdentityNet(torch.nn.Module):
@@ -170,6 +172,7 @@ def train_decoder(config: DecoderConfig, train: Faces, val: Faces | None, checkp
     if not len(train):
         raise TrainingError("no training faces: run the faces stage first (dvc repro faces)")
     device = pick_device()
+    fix_threads(config.threads)
     torch.manual_seed(config.seed)
     mean = mean_landmarks(train)
     train_data = prepare(train, mean, "train")
@@ -225,8 +228,7 @@ def train_decoder(config: DecoderConfig, train: Faces, val: Faces | None, checkp
         row["train_loss"] = row.pop("train_total")
         history.append(row)
         if best_epoch(history) == epoch + 1:
-            with atomic_path(best_path) as tmp:
-                torch.save(model.state_dict(), tmp)
+            save_torch(model.state_dict(), best_path)
         save_checkpoint(checkpoint, model, optimizer, schedule, epoch + 1, step, history)
         print(f"train_decoder: epoch {epoch + 1}/{config.epochs} train_loss {row['train_loss']:.4f} "
               f"val_loss {row['val_loss']:.4f} ({row['seconds']:.1f} s)", flush=True)

@@ -63,8 +63,30 @@ CUT_TOLERANCE = 0.2
 # as inside; smaller than CUT_TOLERANCE so such a clip still passes the length check.
 END_TOLERANCE = 0.1
 
+# How every clip is encoded, on both paths (our cut of a file:// source, and yt-dlp's
+# section download over http(s)). The cut is frame-exact: ffmpeg decodes from the keyframe
+# before ``start`` and drops frames before it, and keeps frames that start before ``end``
+# (tests/test_download.py checks every frame number). The bytes are reproducible: x264
+# with one thread (its output depends on the thread count, and "auto" follows the
+# machine's cores), bit-exact muxing (no encoder version string), no copied metadata.
+CLIP_ENCODING = (
+    # 4:2:0 H.264 needs even sizes; most players need yuv420p
+    "-vf", "scale=trunc(iw/2)*2:trunc(ih/2)*2", "-c:v", "libx264", "-preset", "veryfast", "-crf", "18",
+    "-pix_fmt", "yuv420p", "-threads", "1",
+    "-c:a", "aac", "-b:a", "128k",
+    "-map_metadata", "-1", "-map_chapters", "-1",
+    "-fflags", "+bitexact", "-flags:v", "+bitexact", "-flags:a", "+bitexact",
+    "-movflags", "+faststart",
+)
+
+# The manifest on disk: what the stage's output *is*, the same bytes on every machine and
+# every rerun. ``url`` keeps the template's ``{root}`` (no absolute path of this checkout);
+# ``path`` is as the stage was given it (relative to the project root in the pipeline).
 MANIFEST_COLUMNS = ["line", "youtube_id", "start", "end", "x", "y", "clip_id", "url", "status",
-                    "reason", "duration", "path", "attempts"]
+                    "reason", "duration", "path"]
+# Only in the table ``run_download`` returns: how this run got there (attempts made, clip
+# reused from an earlier run) and the URL actually fetched.
+RUN_COLUMNS = ["attempts", "reused", "fetched_url"]
 
 
 @dataclass(frozen=True)
@@ -87,6 +109,7 @@ class Outcome:
     duration: float | None = None
     path: Path | None = None
     attempts: int = 0
+    reused: bool = False
 
 
 # --------------------------------------------------------------------------- URLs and errors
@@ -209,7 +232,8 @@ def _fetch_section(url: str, row: ClipRow, work_dir: Path, cfg: DownloadConfig) 
         "download_ranges": download_range_func(None, [(row.start, row.end)]),
         "force_keyframes_at_cuts": True,
         # ffmpeg does the section's HTTP reads; without this it waits forever on a stalled server
-        "external_downloader_args": {"ffmpeg_i": ["-rw_timeout", str(int(cfg.timeout_seconds * 1e6))]},
+        "external_downloader_args": {"ffmpeg_i": ["-rw_timeout", str(int(cfg.timeout_seconds * 1e6))],
+                                     "ffmpeg_o": list(CLIP_ENCODING)},
     })
     with yt_dlp.YoutubeDL(opts) as ydl:
         try:
@@ -250,11 +274,7 @@ def cut_segment(source: Path, start: float, end: float, out: Path, timeout: floa
         "ffmpeg", "-nostdin", "-hide_banner", "-loglevel", "error", "-y",
         "-ss", f"{start:.3f}", "-i", str(source), "-t", f"{end - start:.3f}",
         "-map", "0:v:0?", "-map", "0:a:0?", "-sn", "-dn",
-        # 4:2:0 H.264 needs even sizes; most players need yuv420p
-        "-vf", "scale=trunc(iw/2)*2:trunc(ih/2)*2", "-c:v", "libx264", "-preset", "veryfast",
-        "-crf", "18", "-pix_fmt", "yuv420p",
-        "-c:a", "aac", "-b:a", "128k",
-        "-movflags", "+faststart", "-f", "mp4", str(out),
+        *CLIP_ENCODING, "-f", "mp4", str(out),
     ]
     try:
         result = subprocess.run(cmd, stdin=subprocess.DEVNULL, capture_output=True, timeout=timeout)
@@ -308,6 +328,12 @@ def finished_clip(out_dir: Path, clip_id: str) -> Path | None:
     return None
 
 
+def _without_work_dir(reason: str, work_dir: Path) -> str:
+    """An error message that names a file in the attempt's temp folder names it as
+    ``{download}/<file>``: the folder's random name would make every run's manifest differ."""
+    return reason.replace(work_dir.resolve().as_posix(), "{download}").replace(work_dir.as_posix(), "{download}")
+
+
 def download_clip(row: ClipRow, url: str, cfg: DownloadConfig, stop: threading.Event | None = None) -> Outcome:
     """Fetch one segment with retries; never raises for a bad row or a network failure.
 
@@ -329,13 +355,13 @@ def download_clip(row: ClipRow, url: str, cfg: DownloadConfig, stop: threading.E
             return Outcome(OK, "", seconds, final, attempts)
         except DownloadFailure as failure:
             if not failure.transient or attempts > cfg.retries:
-                reason = failure.reason
+                reason = _without_work_dir(failure.reason, work_dir)
                 if failure.transient:
                     reason += f" (after {attempts} attempts)"
                 return Outcome(FAILED, reason, attempts=attempts)
         except Exception as error:  # noqa: BLE001 - one odd row must not stop the stage
-            return Outcome(FAILED, f"internal_error: {type(error).__name__}: {short_message(str(error))}",
-                           attempts=attempts)
+            return Outcome(FAILED, _without_work_dir(
+                f"internal_error: {type(error).__name__}: {short_message(str(error))}", work_dir), attempts=attempts)
         finally:
             shutil.rmtree(work_dir, ignore_errors=True)
         stop.wait(cfg.backoff_seconds * 2 ** (attempts - 1))
@@ -349,24 +375,38 @@ def reuse_clip(row: ClipRow, cfg: DownloadConfig) -> Outcome | None:
         return None
     seconds = _clip_seconds(path)
     if abs(seconds - row.duration) <= CUT_TOLERANCE and seconds >= cfg.min_seconds:
-        return Outcome(OK, "reused", seconds, path, 0)
+        return Outcome(OK, "", seconds, path, 0, reused=True)
     path.unlink()
     return None
 
 
 # --------------------------------------------------------------------------- the stage
 
-def _row_record(row: ClipRow | BadRow, url: str = "", outcome: Outcome | None = None) -> dict[str, Any]:
+def _row_record(row: ClipRow | BadRow, url: str = "", outcome: Outcome | None = None,
+                url_template: str = "") -> dict[str, Any]:
     if isinstance(row, BadRow):
         return {"line": row.line, "youtube_id": row.youtube_id, "start": None, "end": None, "x": None,
                 "y": None, "clip_id": "", "url": "", "status": SKIPPED, "reason": row.reason,
-                "duration": None, "path": "", "attempts": 0}
+                "duration": None, "path": "", "attempts": 0, "reused": False, "fetched_url": ""}
     outcome = outcome or Outcome(SKIPPED)
     return {"line": row.line, "youtube_id": row.youtube_id, "start": row.start, "end": row.end,
-            "x": row.x, "y": row.y, "clip_id": row.clip_id, "url": url, "status": outcome.status,
-            "reason": outcome.reason,
+            "x": row.x, "y": row.y, "clip_id": row.clip_id,
+            "url": url_template.replace("{id}", row.youtube_id) if url_template else url,
+            "status": outcome.status, "reason": outcome.reason,
             "duration": round(outcome.duration, 3) if outcome.duration is not None else None,
-            "path": str(outcome.path) if outcome.path is not None else "", "attempts": outcome.attempts}
+            "path": str(outcome.path) if outcome.path is not None else "", "attempts": outcome.attempts,
+            "reused": outcome.reused, "fetched_url": url}
+
+
+def _relative_to(path: str, root: str | Path) -> str:
+    """``path`` relative to the project root when it lies inside it (no machine's absolute
+    path in the manifest), else as it is."""
+    if not path or not Path(path).is_absolute():
+        return path
+    try:
+        return Path(path).resolve().relative_to(Path(root).resolve()).as_posix()
+    except ValueError:
+        return path
 
 
 def remove_unlisted_clips(out_dir: Path, clip_ids: set[str]) -> int:
@@ -385,7 +425,8 @@ def run_download(csv_path: str | Path, out_dir: str | Path, manifest_path: str |
                  backoff_seconds: float, timeout_seconds: float, min_seconds: float,
                  format_selector: str = DEFAULT_FORMAT, cookies: str | Path | None = None,
                  sleep_seconds: float = 0.0) -> pd.DataFrame:
-    """Download every row's segment; returns (and writes) the manifest, one row per CSV row.
+    """Download every row's segment; writes the manifest (``MANIFEST_COLUMNS``, one row per CSV
+    row) and returns it with this run's ``RUN_COLUMNS`` added.
 
     ``cookies``: a Netscape cookies.txt sent with every request (YouTube's bot check, age gate);
     ``sleep_seconds``: each worker's pause before a download and between extraction requests.
@@ -408,8 +449,8 @@ def run_download(csv_path: str | Path, out_dir: str | Path, manifest_path: str |
         if isinstance(row, BadRow):
             records[i] = _row_record(row)
         elif row.clip_id in first_line:
-            records[i] = _row_record(row, outcome=Outcome(
-                SKIPPED, f"duplicate_segment: same segment as line {first_line[row.clip_id]}"))
+            records[i] = _row_record(row, build_url(url_template, row.youtube_id, root), Outcome(
+                SKIPPED, f"duplicate_segment: same segment as line {first_line[row.clip_id]}"), url_template)
         else:
             first_line[row.clip_id] = row.line
             todo.append((i, row, build_url(url_template, row.youtube_id, root)))
@@ -426,7 +467,7 @@ def run_download(csv_path: str | Path, out_dir: str | Path, manifest_path: str |
         try:
             for future in as_completed(futures):
                 i, row, url = futures[future]
-                records[i] = _row_record(row, url, future.result())
+                records[i] = _row_record(row, url, future.result(), url_template)
                 bar.update(1)
         except BaseException:  # Ctrl-C: no queued download starts, no retry follows
             stop.set()
@@ -434,15 +475,20 @@ def run_download(csv_path: str | Path, out_dir: str | Path, manifest_path: str |
                 future.cancel()
             raise
 
-    manifest = pd.DataFrame([r for r in records if r is not None], columns=MANIFEST_COLUMNS)
-    for status, reason in zip(manifest["status"], manifest["reason"]):
-        if status == OK and reason == "reused":
+    manifest = pd.DataFrame([r for r in records if r is not None], columns=MANIFEST_COLUMNS + RUN_COLUMNS)
+    for status, reason, reused in zip(manifest["status"], manifest["reason"], manifest["reused"]):
+        if status == OK and reused:
             summary.reuse()
         elif status == OK:
             summary.ok()
         else:
             summary.skip(reason_code(reason))
-    write_table(manifest, manifest_path)
+    # error messages may quote the source's full path: the project root becomes {root}
+    root_text = Path(root).resolve().as_posix()
+    manifest["reason"] = manifest["reason"].map(lambda r: r.replace(quote(root_text), "{root}")
+                                                .replace(root_text, "{root}"))
+    write_table(manifest[MANIFEST_COLUMNS].assign(path=manifest["path"].map(lambda p: _relative_to(p, root))),
+                manifest_path)
     for line in availability_lines(availability(manifest)):  # before the summary: it stays last
         print(line, flush=True)
     summary.print()

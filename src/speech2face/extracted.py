@@ -21,6 +21,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from .fsutil import save_npz
+
 
 def encode_jpeg(frame: np.ndarray, quality: int = 95) -> bytes:
     buffer = io.BytesIO()
@@ -41,7 +43,7 @@ def save_shard(path: str | Path, clip_ids: list[str], audios: list[np.ndarray],
     frame_offsets = np.zeros(len(flat_frames) + 1, dtype=np.int64)
     frame_offsets[1:] = np.cumsum([len(j) for j in flat_frames])
     with open(path, "wb") as f:
-        np.savez(
+        save_npz(
             f,
             clip_ids=np.array(clip_ids, dtype=str),
             audio=np.concatenate(audios).astype(np.int16) if audios else np.zeros(0, np.int16),

@@ -74,17 +74,19 @@ def identity_preservation(reembedded: np.ndarray, source: np.ndarray, identities
 
 
 def image_retrieval(reembedded_from_voice: np.ndarray, gallery: np.ndarray, true_index: np.ndarray,
-                    ks=retrieval.PAPER_KS) -> dict:
-    """R@K (cosine) of re-embedded voice-decoded faces among the gallery identities."""
+                    ks=retrieval.PAPER_KS) -> dict[int, np.ndarray]:
+    """Per query, whether its re-embedded voice-decoded face is in the top K (cosine) among
+    the gallery identities: {K: 0/1 per query} (R@K is the mean)."""
     ranks = retrieval.true_ranks(reembedded_from_voice, gallery, true_index, "cosine")
-    return retrieval.recall_at_k(ranks, ks, len(gallery))
+    return retrieval.hits_at_k(ranks, ks, len(gallery))
 
 
 def evaluate_decoded_faces(decoder, test_features: np.ndarray, identities: np.ndarray,
                            predicted_features: np.ndarray, gallery: np.ndarray, true_index: np.ndarray,
                            real_crops: np.ndarray, analyzer: FaceAnalyzer, backend,
-                           ks=retrieval.PAPER_KS) -> tuple[dict, dict[str, np.ndarray]]:
-    """All decoded-face figures of the test split, and the decoded images.
+                           ks=retrieval.PAPER_KS) -> tuple[dict, dict[str, np.ndarray], dict]:
+    """All decoded-face figures of the test split, the decoded images, and the per-query
+    values behind the figures (for intervals).
 
     ``test_features``: the real face feature of each test clip; ``predicted_features``: the
     encoder's feature of the same clip's voice; ``gallery``/``true_index``: the identity
@@ -95,12 +97,17 @@ def evaluate_decoded_faces(decoder, test_features: np.ndarray, identities: np.nd
     from_voice, landmarks_voice = decode(decoder, predicted_features)
     reembedded_true, detected_true = reembed_images(from_true, analyzer, backend, landmarks_true)
     reembedded_voice, detected_voice = reembed_images(from_voice, analyzer, backend, landmarks_voice)
+    image_hits = image_retrieval(reembedded_voice, gallery, true_index, ks)
+    decoder_only_hits = image_retrieval(reembedded_true, gallery, true_index, ks)
     figures = {
         "decoded_detected": float(detected_true.mean()),
         "voice_decoded_detected": float(detected_voice.mean()),
         "real_detected": detection_rate(real_crops, analyzer),
         **identity_preservation(reembedded_true, test_features, identities),
-        "image_R@K": image_retrieval(reembedded_voice, gallery, true_index, ks),
-        "decoder_only_R@K": image_retrieval(reembedded_true, gallery, true_index, ks),
+        "image_R@K": {k: float(v.mean()) for k, v in image_hits.items()},
+        "decoder_only_R@K": {k: float(v.mean()) for k, v in decoder_only_hits.items()},
     }
-    return figures, {"from_true": from_true, "from_voice": from_voice}
+    per_query = {"image_hits": image_hits, "decoder_only_hits": decoder_only_hits,
+                 "identity_cosine": np.diag(cosine_matrix(reembedded_true, test_features)).astype(np.float64),
+                 "voice_decoded_detected": detected_voice.astype(np.float64)}
+    return figures, {"from_true": from_true, "from_voice": from_voice}, per_query

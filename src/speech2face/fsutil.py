@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import contextlib
+import io
 import os
 import re
 import tempfile
+import zipfile
 from pathlib import Path
 from typing import Iterator
 
@@ -57,3 +59,34 @@ def remove_stale_temps(folder: str | Path) -> int:
         else:
             path.unlink(missing_ok=True)
     return len(stale)
+
+
+def save_torch(obj, path: str | Path) -> None:
+    """``torch.save`` atomically, with bytes that depend on ``obj`` only.
+
+    torch names the archive inside its zip after the file it writes to, so saving to a
+    random temp name and renaming would give different bytes (and DVC hashes) every run;
+    the archive is written in memory (named ``archive``) and then to disk.
+    """
+    import torch
+
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(buffer.getvalue())
+
+
+# Every entry of a reproducible zip gets this time stamp and these permissions.
+_ZIP_EPOCH = (1980, 1, 1, 0, 0, 0)
+
+
+def save_npz(file, **arrays) -> None:
+    """``np.savez`` with reproducible bytes (numpy stamps each entry with the current time)."""
+    import numpy as np
+
+    with zipfile.ZipFile(file, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as archive:
+        for name, array in arrays.items():
+            info = zipfile.ZipInfo(f"{name}.npy", date_time=_ZIP_EPOCH)
+            info.external_attr = 0o644 << 16
+            with archive.open(info, "w", force_zip64=True) as entry:
+                np.lib.format.write_array(entry, np.asanyarray(array), allow_pickle=False)

@@ -16,7 +16,7 @@ from typing import Callable, TypeVar
 import torch
 from torch import nn
 
-from .fsutil import atomic_path
+from .fsutil import atomic_path, save_torch
 
 Module = TypeVar("Module", bound=nn.Module)
 
@@ -32,8 +32,7 @@ class ModelFileMissing(ModelFileError, FileNotFoundError):
 def save_model(model: nn.Module, path: Path, meta: dict) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_path(path) as tmp:
-        torch.save(model.state_dict(), tmp)
+    save_torch(model.state_dict(), path)
     with atomic_path(path.with_suffix(".json")) as tmp:
         tmp.write_text(json.dumps(meta, indent=2) + "\n")
 

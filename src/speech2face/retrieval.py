@@ -1,19 +1,21 @@
-"""Voice -> face retrieval: exact recall at K, chunked so galleries can be huge.
+"""Voice -> face retrieval: exact recall at K, streamed so that galleries can be huge.
 
-R@K only needs the rank of the true item for each query: the number of gallery items
-strictly closer than it. That is counted block by block (queries x gallery chunks), so the
-full queries x gallery distance matrix never exists in memory, and no top-k sort is needed.
+R@K only needs the rank of each query's true item: **the number of other gallery items at
+least as close as the true item**. An item at the same distance as the true one (a tie)
+ranks ahead of it, so ties count *against* the model: a degenerate model (all predictions
+equal, all zero, or NaN) cannot score above chance by tying with everything. An item whose
+similarity is NaN also counts as ahead. "The same distance" means within float32 rounding
+of the true item's similarity (``tie_tolerance``): the true item's score is computed once
+on its own and the others in matrix blocks, and the two roundings of one value may differ
+in the last bits. That tolerance is about 1e-6 of the scores' scale, far below the gaps
+between real faces; ties that are ties by construction (duplicated rows) are always caught.
 
-``true_ranks_streamed`` and ``top_k_streamed`` are the large-gallery versions (1e6 items
-and more; benchmarks/bench_retrieval.py times them). They stream the gallery once, block
-by block, in any float dtype (float16 storage halves the memory of a 4096-D gallery), and
-work with a similarity score (larger = closer) that orders items exactly as the distance:
-cosine -> q.g of unit vectors, l2 -> 2 q.g - |g|^2 (|q|^2 and the square root change no
-order), so a block costs one matrix product. The comparison with the true item's score
-writes 0/1 as float32 and a matrix-vector product with ones counts them: on a CPU that is
-several times faster than summing a boolean tensor. Scores equal to within float32
-rounding may order differently from ``pairwise_distance`` (1 - q.g rounds differently from
-q.g); exact ties are handled exactly (see each function).
+There is one rank rule (``_Ranker.ahead``), used by ``true_ranks`` (whole gallery) and by
+``sampled_gallery_hits`` (the paper's random 100-identity galleries). Both stream the
+gallery in blocks (any float dtype, memory-mapped too): the queries x gallery matrix never
+exists whole. Each metric is turned into a similarity (larger = closer) that orders items
+exactly as the distance does, so a block costs one matrix product: cosine -> q.g of unit
+vectors, l2 -> 2 q.g - |g|^2 (|q|^2 and the square root change no order), l1 -> -|q - g|_1.
 """
 
 from __future__ import annotations
@@ -23,44 +25,10 @@ import torch
 
 METRICS = ("cosine", "l2", "l1")
 PAPER_KS = (1, 2, 5, 10, 25, 50, 75, 100)
-
-
-def pairwise_distance(queries: torch.Tensor, gallery: torch.Tensor, metric: str) -> torch.Tensor:
-    """(n_queries, n_gallery) distances; smaller is closer."""
-    if metric == "cosine":
-        q = torch.nn.functional.normalize(queries, dim=-1)
-        g = torch.nn.functional.normalize(gallery, dim=-1)
-        return 1.0 - q @ g.T
-    if metric == "l2":
-        return torch.cdist(queries, gallery, p=2.0, compute_mode="use_mm_for_euclid_dist")
-    if metric == "l1":
-        return torch.cdist(queries, gallery, p=1.0)
-    raise ValueError(f"unknown metric {metric!r}: expected one of {METRICS}")
-
-
-def true_ranks(queries: np.ndarray | torch.Tensor, gallery: np.ndarray | torch.Tensor,
-               true_index: np.ndarray, metric: str = "cosine", query_chunk: int = 4096,
-               gallery_chunk: int = 65536) -> np.ndarray:
-    """0-based rank of each query's true gallery item (ties count in the query's favour)."""
-    queries = torch.as_tensor(queries, dtype=torch.float32)
-    gallery = torch.as_tensor(gallery, dtype=torch.float32)
-    true_index = torch.as_tensor(true_index, dtype=torch.long)
-    ranks = torch.zeros(len(queries), dtype=torch.long)
-    with torch.no_grad():
-        for q0 in range(0, len(queries), query_chunk):
-            q = queries[q0:q0 + query_chunk]
-            true_dist = pairwise_distance(q, gallery[true_index[q0:q0 + query_chunk]], metric).diagonal()
-            q_true = true_index[q0:q0 + query_chunk]
-            rows = torch.arange(len(q))
-            for g0 in range(0, len(gallery), gallery_chunk):
-                d = pairwise_distance(q, gallery[g0:g0 + gallery_chunk], metric)
-                closer = d < true_dist[:, None]
-                # the true item itself never counts (its two distance computations may differ
-                # in the last bit)
-                inside = (q_true >= g0) & (q_true < g0 + d.shape[1])
-                closer[rows[inside], q_true[inside] - g0] = False
-                ranks[q0:q0 + query_chunk] += closer.sum(dim=1)
-    return ranks.numpy()
+# Scores within this many float32 epsilons x sqrt(dim) x the pair's scale are ties.
+_TIE_ULPS = 4.0
+# Query rows per random-gallery draw: fixed, so that the draws never depend on memory settings.
+_DRAW_CHUNK = 1024
 
 
 def recall_at_k(ranks: np.ndarray, ks: tuple[int, ...], gallery_size: int) -> dict[int, float]:
@@ -68,59 +36,32 @@ def recall_at_k(ranks: np.ndarray, ks: tuple[int, ...], gallery_size: int) -> di
     return {k: float(np.mean(ranks < k)) for k in ks if k <= gallery_size}
 
 
-def sampled_gallery_recall(distances: np.ndarray, true_index: np.ndarray, gallery_size: int,
-                           draws: int, seed: int, ks: tuple[int, ...]) -> dict[int, tuple[float, float]]:
-    """The paper's protocol: for each query a random gallery of ``gallery_size`` items that
-    contains its true item, R@K averaged over ``draws`` seeded draws: {K: (mean, std)}.
-
-    ``distances`` is (n_queries, n_items); it is small here (items = test identities).
-    """
-    n_queries, n_items = distances.shape
-    if gallery_size > n_items:
-        raise ValueError(f"gallery of {gallery_size} needs at least that many items, have {n_items}")
-    rng = np.random.default_rng(seed)
-    true_dist = distances[np.arange(n_queries), true_index]
-    per_draw = []
-    for _ in range(draws):
-        # random distractors: a random permutation of the other items per query, first g-1
-        keys = rng.random((n_queries, n_items))
-        keys[np.arange(n_queries), true_index] = np.inf  # never pick the true item as distractor
-        distractors = np.argsort(keys, axis=1)[:, :gallery_size - 1]
-        closer = (np.take_along_axis(distances, distractors, axis=1) < true_dist[:, None]).sum(axis=1)
-        per_draw.append(recall_at_k(closer, ks, gallery_size))
-    return {k: (float(np.mean([d[k] for d in per_draw])), float(np.std([d[k] for d in per_draw])))
-            for k in per_draw[0]}
-
-
-def top_k(queries: np.ndarray, gallery: np.ndarray, k: int, metric: str = "cosine",
-          query_chunk: int = 1024) -> np.ndarray:
-    """Indices of the k nearest gallery items per query, nearest first (for pictures)."""
-    out = []
-    with torch.no_grad():
-        for q0 in range(0, len(queries), query_chunk):
-            d = pairwise_distance(torch.as_tensor(queries[q0:q0 + query_chunk], dtype=torch.float32),
-                                  torch.as_tensor(gallery, dtype=torch.float32), metric)
-            out.append(torch.topk(d, min(k, d.shape[1]), dim=1, largest=False).indices.numpy())
-    return np.concatenate(out) if out else np.zeros((0, k), dtype=np.int64)
-
-
-def feature_similarity(predicted: np.ndarray, true: np.ndarray) -> dict[str, tuple[float, float]]:
-    """Paper's feature similarity: cosine angle (degrees), L1 and L2 distance: (mean, std)."""
-    p = torch.as_tensor(predicted, dtype=torch.float64)
-    t = torch.as_tensor(true, dtype=torch.float64)
-    cosine = torch.nn.functional.cosine_similarity(p, t, dim=-1).clamp(-1, 1)
-    angle = torch.rad2deg(torch.arccos(cosine))
-    l1 = (p - t).abs().sum(dim=-1)
-    l2 = (p - t).pow(2).sum(dim=-1).sqrt()
-    return {name: (float(v.mean()), float(v.std(unbiased=False)))
-            for name, v in (("cosine_angle_deg", angle), ("l1", l1), ("l2", l2))}
+def hits_at_k(ranks: np.ndarray, ks: tuple[int, ...], gallery_size: int) -> dict[int, np.ndarray]:
+    """{K: per-query 0/1 (float64) whether the true item is in the top K}: the values that
+    R@K averages, kept per query for bootstrap intervals."""
+    return {k: (np.asarray(ranks) < k).astype(np.float64) for k in ks if k <= gallery_size}
 
 
 def chance_recall(k: int, gallery_size: int) -> float:
     return min(1.0, k / gallery_size)
 
 
-# ------------------------------------------------------------- streamed (large galleries)
+def feature_similarity_per_query(predicted: np.ndarray, true: np.ndarray) -> dict[str, np.ndarray]:
+    """Paper's feature similarity per query: cosine angle (degrees), L1 and L2 distance."""
+    p = torch.as_tensor(np.asarray(predicted), dtype=torch.float64)
+    t = torch.as_tensor(np.asarray(true), dtype=torch.float64)
+    cosine = torch.nn.functional.cosine_similarity(p, t, dim=-1).clamp(-1, 1)
+    return {"cosine_angle_deg": torch.rad2deg(torch.arccos(cosine)).numpy(),
+            "l1": (p - t).abs().sum(dim=-1).numpy(), "l2": (p - t).pow(2).sum(dim=-1).sqrt().numpy()}
+
+
+def feature_similarity(predicted: np.ndarray, true: np.ndarray) -> dict[str, tuple[float, float]]:
+    """(mean, std) of each ``feature_similarity_per_query`` measure."""
+    return {name: (float(v.mean()), float(v.std())) for name, v in
+            feature_similarity_per_query(predicted, true).items()}
+
+
+# ------------------------------------------------------------------------------ internals
 
 def _float32_rows(array, start: int | None = None, stop: int | None = None) -> torch.Tensor:
     """Rows [start, stop) of a numpy array (memory-mapped too) or tensor, as float32 on CPU.
@@ -178,62 +119,132 @@ class _Scorer:
             return 2.0 * (q * g).sum(dim=-1) + neg_sq
         return -(q - g).abs().sum(dim=-1)
 
+    def tie_tolerance(self, q: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+        """Per pair (q[i], g[i]): how far two roundings of a score of this size can be apart."""
+        dim = q.shape[1]
+        if self.metric == "cosine":        # unit vectors: scores in [-1, 1]
+            scale = torch.ones(len(q))
+        elif self.metric == "l2":          # 2 q.g - |g|^2
+            scale = (q.norm(dim=-1) + g.norm(dim=-1)) ** 2
+        else:                              # |q - g|_1
+            scale = q.abs().sum(dim=-1) + g.abs().sum(dim=-1)
+        return _TIE_ULPS * float(np.finfo(np.float32).eps) * max(dim, 1) ** 0.5 * scale
+
+
+class _Ranker:
+    """The one rank rule: for query rows and a gallery block, which items are *ahead* of
+    the query's true item (at least as close, within rounding; NaN counts as ahead)."""
+
+    def __init__(self, queries, gallery, true_index: np.ndarray, metric: str, query_chunk: int):
+        self.scorer = _Scorer(metric)
+        self.gallery = gallery
+        self.true_index = np.asarray(true_index, dtype=np.int64)
+        n_queries, n_gallery = len(queries), len(gallery)
+        if len(self.true_index) != n_queries:
+            raise ValueError(f"{n_queries} queries but {len(self.true_index)} true indices")
+        if n_queries and (self.true_index.min() < 0 or self.true_index.max() >= n_gallery):
+            raise ValueError(f"true_index outside the gallery of {n_gallery} items")
+        self.queries = self.scorer.prepare_queries(_float32_rows(queries))
+        # the bar each item must beat: true score minus the rounding tolerance
+        self.threshold = torch.empty(n_queries)
+        for q0 in range(0, n_queries, query_chunk):  # true items a chunk at a time: little memory
+            q = self.queries[q0:q0 + query_chunk]
+            raw_true = _gather_rows(gallery, self.true_index[q0:q0 + query_chunk])
+            g_true, neg_sq = self.scorer.prepare_gallery(raw_true)
+            true_score = self.scorer.paired(q, g_true, neg_sq)
+            # NaN true score: nothing is "behind" it, every item counts as ahead
+            self.threshold[q0:q0 + len(q)] = true_score - self.scorer.tie_tolerance(q, g_true)
+        self.true_t = torch.from_numpy(self.true_index)
+
+    def behind(self, q0: int, q1: int, g0: int, g: torch.Tensor, neg_sq, out: torch.Tensor) -> torch.Tensor:
+        """float32 (q1 - q0, len(g)): 1.0 where the item is strictly behind the true item
+        (score below threshold) or is the true item itself, else 0.0 (ahead or NaN)."""
+        self.scorer.block(self.queries[q0:q1], g, neg_sq, out)
+        torch.lt(out, self.threshold[q0:q1, None], out=out)
+        local = self.true_t[q0:q1] - g0
+        inside = torch.nonzero((local >= 0) & (local < len(g))).flatten()
+        out[inside, local[inside]] = 1.0  # the true item is never ahead of itself
+        return out
+
 
 def _block_buffer(rows: int, cols: int) -> torch.Tensor:
-    return torch.empty(rows * cols, dtype=torch.float32)
+    return torch.empty(max(rows * cols, 1), dtype=torch.float32)
 
 
-def true_ranks_streamed(queries, gallery, true_index: np.ndarray, metric: str = "cosine",
-                        query_chunk: int = 4096, gallery_chunk: int = 4096) -> np.ndarray:
-    """``true_ranks`` for large galleries: the 0-based rank of each query's true item.
+# ------------------------------------------------------------------------------ public API
 
-    The rank is the number of gallery items scoring strictly closer than the true item, so
-    exact ties count in the query's favour, and the true item itself never counts (its
-    score in a block may differ in the last bit from its paired score). ``gallery`` may be
-    a numpy array of any float dtype (memory-mapped too) or a tensor; it is read once, a
-    block of ``gallery_chunk`` rows at a time. Peak memory beyond the inputs: the float32
-    queries, one gallery block and one (query_chunk, gallery_chunk) float32 score block.
+def true_ranks(queries, gallery, true_index: np.ndarray, metric: str = "cosine",
+               query_chunk: int = 4096, gallery_chunk: int = 4096) -> np.ndarray:
+    """0-based rank of each query's true gallery item: the number of other items at least
+    as close (ties count against the model; see the module docstring).
+
+    ``gallery`` may be a numpy array of any float dtype (memory-mapped too) or a tensor; it
+    is read once, a block of ``gallery_chunk`` rows at a time. Peak memory beyond the
+    inputs: the float32 queries, one gallery block and one (query_chunk, gallery_chunk)
+    float32 block.
     """
-    scorer = _Scorer(metric)
-    true_index = np.asarray(true_index, dtype=np.int64)
     n_queries, n_gallery = len(queries), len(gallery)
-    if len(true_index) != n_queries:
-        raise ValueError(f"{n_queries} queries but {len(true_index)} true indices")
-    if n_queries and (true_index.min() < 0 or true_index.max() >= n_gallery):
-        raise ValueError(f"true_index outside the gallery of {n_gallery} items")
+    ranker = _Ranker(queries, gallery, true_index, metric, query_chunk)
     ranks = torch.zeros(n_queries, dtype=torch.long)
     if n_queries == 0:
         return ranks.numpy()
     with torch.no_grad():
-        q_all = scorer.prepare_queries(_float32_rows(queries))
-        true_score = torch.empty(n_queries)
-        for q0 in range(0, n_queries, query_chunk):  # true items a chunk at a time: little memory
-            g_true, neg_sq_true = scorer.prepare_gallery(_gather_rows(gallery, true_index[q0:q0 + query_chunk]))
-            true_score[q0:q0 + len(g_true)] = scorer.paired(q_all[q0:q0 + len(g_true)], g_true, neg_sq_true)
-        del g_true, neg_sq_true
-        true_t = torch.from_numpy(true_index)
         buffer = _block_buffer(min(query_chunk, n_queries), min(gallery_chunk, n_gallery))
         ones = torch.ones(min(gallery_chunk, n_gallery))
         for g0 in range(0, n_gallery, gallery_chunk):
-            g, neg_sq = scorer.prepare_gallery(_float32_rows(gallery, g0, g0 + gallery_chunk))
-            g_len = len(g)
+            g, neg_sq = ranker.scorer.prepare_gallery(_float32_rows(gallery, g0, g0 + gallery_chunk))
             for q0 in range(0, n_queries, query_chunk):
-                q = q_all[q0:q0 + query_chunk]
-                block = buffer[:len(q) * g_len].view(len(q), g_len)
-                scorer.block(q, g, neg_sq, block)
-                # 1.0 where the item scores strictly closer than the true item, in place
-                torch.gt(block, true_score[q0:q0 + len(q), None], out=block)
-                local = true_t[q0:q0 + len(q)] - g0
-                inside = torch.nonzero((local >= 0) & (local < g_len)).flatten()
-                block[inside, local[inside]] = 0.0
+                q1 = min(q0 + query_chunk, n_queries)
+                block = buffer[:(q1 - q0) * len(g)].view(q1 - q0, len(g))
+                behind = ranker.behind(q0, q1, g0, g, neg_sq, block)
                 # float32 sums of 0/1 are exact below 2^24 items per block
-                ranks[q0:q0 + len(q)] += torch.mv(block, ones[:g_len]).to(torch.long)
+                ranks[q0:q1] += len(g) - torch.mv(behind, ones[:len(g)]).to(torch.long)
     return ranks.numpy()
 
 
-def top_k_streamed(queries, gallery, k: int, metric: str = "cosine", query_chunk: int = 4096,
-                   gallery_chunk: int = 16384) -> np.ndarray:
-    """``top_k`` for large galleries: (n_queries, min(k, n_gallery)) gallery indices,
+def sampled_gallery_hits(queries, gallery, true_index: np.ndarray, gallery_size: int, draws: int, seed: int,
+                         ks: tuple[int, ...], metric: str = "cosine", gallery_chunk: int = 4096
+                         ) -> dict[int, np.ndarray]:
+    """The paper's protocol: for each query, ``draws`` random galleries of ``gallery_size``
+    items that contain its true item; {K: per-query share of draws with the true item in the
+    top K} (the mean over queries is R@K averaged over draws).
+
+    Queries are handled ``_DRAW_CHUNK`` at a time: memory is that many rows x the gallery
+    (as 0/1 bytes), never queries x gallery. Draw d of query chunk c uses the generator
+    seeded with (seed, d, c), so results do not depend on anything but the inputs.
+    """
+    n_queries, n_items = len(queries), len(gallery)
+    if gallery_size > n_items:
+        raise ValueError(f"gallery of {gallery_size} needs at least that many items, have {n_items}")
+    ks = tuple(k for k in ks if k <= gallery_size)
+    hits = {k: np.zeros(n_queries) for k in ks}
+    ranker = _Ranker(queries, gallery, true_index, metric, _DRAW_CHUNK)
+    with torch.no_grad():
+        for chunk, q0 in enumerate(range(0, n_queries, _DRAW_CHUNK)):
+            q1 = min(q0 + _DRAW_CHUNK, n_queries)
+            ahead = np.empty((q1 - q0, n_items), dtype=bool)
+            for g0 in range(0, n_items, gallery_chunk):
+                g, neg_sq = ranker.scorer.prepare_gallery(_float32_rows(gallery, g0, g0 + gallery_chunk))
+                behind = ranker.behind(q0, q1, g0, g, neg_sq, _block_buffer(q1 - q0, len(g))[:(q1 - q0) * len(g)]
+                                       .view(q1 - q0, len(g)))
+                ahead[:, g0:g0 + len(g)] = (behind == 0).numpy()
+            rows = np.arange(q1 - q0)
+            for draw in range(draws):
+                rng = np.random.default_rng([seed, draw, chunk])
+                # distractors: the first gallery_size - 1 of a random order of the other items
+                keys = rng.random((q1 - q0, n_items))
+                keys[rows, ranker.true_index[q0:q1]] = np.inf
+                distractors = np.argpartition(keys, gallery_size - 2, axis=1)[:, :gallery_size - 1] \
+                    if gallery_size > 1 else np.zeros((q1 - q0, 0), dtype=np.int64)
+                rank = np.take_along_axis(ahead, distractors, axis=1).sum(axis=1)
+                for k in ks:
+                    hits[k][q0:q1] += rank < k
+    return {k: v / draws for k, v in hits.items()}
+
+
+def top_k(queries, gallery, k: int, metric: str = "cosine", query_chunk: int = 4096,
+          gallery_chunk: int = 16384) -> np.ndarray:
+    """Nearest items per query (for pictures): (n_queries, min(k, n_gallery)) gallery indices,
     nearest first; items with equal scores come in index order (lower index first), so the
     result is fully determined (``torch.topk`` leaves the order of ties open).
 

@@ -19,7 +19,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from .fsutil import atomic_path
+from .determinism import fix_threads
+from .fsutil import save_torch
 from .losses import EncoderLoss
 from .models import VoiceEncoder
 from .pairs import PairDataset, Pairs
@@ -51,6 +52,7 @@ class EncoderConfig:
     augment: int = 1          # 1: random time roll of each training spectrogram
     input_mode: str = "complex"  # models.INPUT_MODES
     processes: int = 1        # DDP processes (dvc.yaml runs torchrun with this many)
+    threads: int = 2          # torch/BLAS threads per process: fixed, so results do not depend on the machine
 
 
 @dataclass
@@ -96,8 +98,7 @@ def save_checkpoint(path: Path, model, optimizer, schedule, epoch: int, step: in
         "history": {k: torch.tensor([h[k] for h in history], dtype=torch.float64) for k in (history[0] if history else {})},
         "rng": torch.get_rng_state(),
     }
-    with atomic_path(path) as tmp:
-        torch.save(state, tmp)
+    save_torch(state, path)
 
 
 def load_checkpoint(path: Path, model, optimizer, schedule) -> tuple[int, int, list[dict]]:
@@ -131,6 +132,7 @@ def train_encoder(config: EncoderConfig, train: Pairs, val: Pairs | None, checkp
     without a validation split) and one history row per epoch."""
     dist_info = dist_info or Distributed()
     device = pick_device(dist_info.local_rank)
+    fix_threads(config.threads)
     torch.manual_seed(config.seed)
     model = VoiceEncoder(out_dim=train.feature_dim, width=config.width, input_mode=config.input_mode)
     # Face features share a large common component (dlib embeddings of different people
@@ -204,8 +206,7 @@ def train_encoder(config: EncoderConfig, train: Pairs, val: Pairs | None, checkp
             # the best epoch on the validation split is the model we keep (early stopping
             # without stopping: later epochs still run and are logged)
             if best_epoch(history) == epoch + 1:
-                with atomic_path(best_path) as tmp:
-                    torch.save(model.state_dict(), tmp)
+                save_torch(model.state_dict(), best_path)
             save_checkpoint(checkpoint, model, optimizer, schedule, epoch + 1, step, history)
             print(f"train_encoder: epoch {epoch + 1}/{config.epochs} train_loss {train_loss:.4f} "
                   f"val_loss {row['val_loss']:.4f} ({row['seconds']:.1f} s)", flush=True)
