@@ -83,6 +83,17 @@ def test_evaluation_reports(project: Path) -> None:
         assert (project / "reports" / png).read_bytes()[:4] == b"\x89PNG"
 
 
+def test_compare_encoders_on_validation_agrees_with_evaluate(project: Path) -> None:
+    """scripts/compare_encoders.py gives the evaluate stage's validation R@1, and an encoder
+    compared with itself differs by exactly 0."""
+    metrics = json.loads((project / "reports/metrics.json").read_text())
+    out = run([str(VENV_BIN / "python"), "scripts/compare_encoders.py", "models/voice_encoder.pt",
+               "models/voice_encoder.pt", "--names", "a", "b"], project).stdout
+    row = next(line for line in out.splitlines() if line.startswith("| a |"))
+    assert row.split("|")[2].strip().startswith(f"{100 * metrics['val_R@1']:.1f} [")
+    assert "- a - b, R@1: +0.0 points (95 % interval +0.0 to +0.0): within noise" in out
+
+
 def test_decoder_outputs_and_decoded_face_report(project: Path) -> None:
     from PIL import Image
 

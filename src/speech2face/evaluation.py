@@ -63,7 +63,7 @@ def unit(x: np.ndarray) -> np.ndarray:
 
 
 def retrieval_hits(queries: np.ndarray, gallery: np.ndarray, true_index: np.ndarray, ks=retrieval.PAPER_KS,
-                   sampled_gallery_size: int = 100, draws: int = 10, seed: int = 0) -> dict:
+                   sampled_gallery_size: int | None = 100, draws: int = 10, seed: int = 0) -> dict:
     """Per-query outcomes: {metric: {"whole": {K: 0/1 per query}, "sampled": {K: share of
     draws per query} or None, "rank": 1-based rank per query}}.
 
@@ -72,6 +72,8 @@ def retrieval_hits(queries: np.ndarray, gallery: np.ndarray, true_index: np.ndar
     of its output carries no information, and L1/L2 distances on raw outputs would rank by
     an accident of scale. On unit vectors L2 orders items exactly as cosine does (|q-g|^2
     = 2 - 2 q.g); L1 differs a little. The paper reports all three, so all three are here.
+    The paper's random galleries run when ``sampled_gallery_size`` is set and the gallery
+    has at least that many identities.
     """
     queries, gallery = unit(queries), unit(gallery)
     out = {}
@@ -81,7 +83,7 @@ def retrieval_hits(queries: np.ndarray, gallery: np.ndarray, true_index: np.ndar
             "whole": retrieval.hits_at_k(ranks, ks, len(gallery)),
             "sampled": (retrieval.sampled_gallery_hits(queries, gallery, true_index, sampled_gallery_size, draws,
                                                        seed, ks, metric)
-                        if len(gallery) >= sampled_gallery_size else None),
+                        if sampled_gallery_size and len(gallery) >= sampled_gallery_size else None),
             "rank": (ranks + 1).astype(np.float64),
         }
     return out
