@@ -57,7 +57,7 @@ def compare(encoders: list[str], names: list[str], split: str) -> str:
              f"95 % intervals from {settings['bootstrap']} bootstrap replicates over identities", "",
              "| encoder | " + " | ".join(f"R@{k}" for k in ks) + " |", "|---|" + "---|" * len(ks)]
     for name in names:
-        lines.append(f"| {name} | " + " | ".join(evaluation._cell(boot.interval(hits[name][k]).as_dict())
+        lines.append(f"| {name} | " + " | ".join(evaluation.cell(boot.interval(hits[name][k]).as_dict())
                                                   for k in ks) + " |")
     lines.append("")
     for k in ks:

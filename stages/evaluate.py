@@ -42,7 +42,7 @@ def load_crop(faces_dir: Path, shard: str, row: int, cache: dict) -> np.ndarray:
 def decoded_faces_section(figures: dict, intervals: dict) -> str:
     """The decoded-face part of summary.md."""
     ks = list(figures["image_R@K"])
-    cell = evaluation._cell
+    cell = evaluation.cell
     return "\n".join([
         "## Decoded faces (face decoder)", "",
         f"- detected as a face by dlib's HOG detector: {100 * figures['decoded_detected']:.0f}% of faces decoded "
@@ -123,8 +123,7 @@ def run(sampled_gallery_size: int, draws: int, seed: int, examples: int, spectro
         **flat_figures("", results["cnn"]["cosine"]["whole"]),
         **flat_figures("ridge_", results["ridge"]["cosine"]["whole"]),
         **{f"chance_R@{k}": v for k, v in chance.items()},
-        **{key: value for pair, by_k in compared.items() if pair == "cnn - ridge"
-           for key, value in flat_figures("cnn_minus_ridge_", {k: d.as_dict() for k, d in by_k.items()}).items()},
+        **flat_figures("cnn_minus_ridge_", {k: d.as_dict() for k, d in compared["cnn - ridge"].items()}),
         **(flat_figures("val_", val_results["cnn"]["cosine"]["whole"]) if val_results else {}),
         **(flat_figures("val_ridge_", val_results["ridge"]["cosine"]["whole"]) if val_results else {}),
         **flat_figures("cnn_", {"": similarity["cnn"]["cosine_angle_deg"]}, name="cosine_angle_deg"),
@@ -197,7 +196,7 @@ def run(sampled_gallery_size: int, draws: int, seed: int, examples: int, spectro
                      "decoded_faces.png"):
             mlflow.log_artifact(str(REPORTS / name))
     whole = results["cnn"]["cosine"]["whole"]
-    line = ", ".join(f"R@{k} {evaluation._cell(whole[k])}% (ridge {100 * results['ridge']['cosine']['whole'][k]['value']:.1f}%, "
+    line = ", ".join(f"R@{k} {evaluation.cell(whole[k])}% (ridge {100 * results['ridge']['cosine']['whole'][k]['value']:.1f}%, "
                      f"chance {100 * chance[k]:.1f}%)" for k in list(whole)[:3])
     print(f"evaluate: {len(test)} test voices, {n_gallery} identities: {line}; decoded faces: "
           f"{100 * decoded['decoded_detected']:.0f}% detected, identity cosine {decoded['identity_cosine']:.3f} "

@@ -1,9 +1,12 @@
-"""Retrieval evaluation: voice -> face R@K on the test split, a ridge baseline, and plots.
+"""Retrieval evaluation: voice -> face R@K on the test (and validation) split, a ridge
+baseline, intervals, and the report.
 
-Gallery items are test identities (the mean face feature of each identity's test clips);
-each test clip's voice is a query whose true item is its identity. With at least
-``gallery_size`` test identities the paper's protocol also runs: random galleries of
-``gallery_size`` identities containing the true one, averaged over seeded draws.
+Gallery items are a split's identities (the mean face feature of each identity's clips);
+each clip's voice is a query whose true item is its identity. With at least
+``gallery_size`` identities the paper's protocol also runs: random galleries of
+``gallery_size`` identities containing the true one, averaged over seeded draws. Figures
+are kept per query (``retrieval_hits``) so that ``intervals.ClusterBootstrap`` can give
+each one, and each paired comparison, a 95 % interval over identities.
 """
 
 from __future__ import annotations
@@ -222,7 +225,8 @@ def plot_gallery(query_ids: list[str], top: np.ndarray, true_index: np.ndarray, 
     plt.close(fig)
 
 
-def _cell(figure: dict, scale: float = 100.0, digits: int = 1) -> str:
+def cell(figure: dict, scale: float = 100.0, digits: int = 1) -> str:
+    """``{"value", "low", "high"}`` as "value [low, high]" (in % by default)."""
     return f"{scale * figure['value']:.{digits}f} [{scale * figure['low']:.{digits}f}, {scale * figure['high']:.{digits}f}]"
 
 
@@ -231,7 +235,7 @@ def recall_rows(results: dict[str, dict], metric: str, n_gallery: int, part: str
     ks = list(next(iter(results.values()))[metric][part])
     lines = ["| model | " + " | ".join(f"R@{k}" for k in ks) + " |", "|---|" + "---|" * len(ks)]
     for name, metrics in results.items():
-        lines.append(f"| {name} | " + " | ".join(_cell(metrics[metric][part][k]) for k in ks) + " |")
+        lines.append(f"| {name} | " + " | ".join(cell(metrics[metric][part][k]) for k in ks) + " |")
     lines.append("| chance | " + " | ".join(f"{100 * retrieval.chance_recall(k, n_gallery):.1f}" for k in ks) + " |")
     return lines
 
@@ -270,6 +274,6 @@ def summary_markdown(test: dict, val: dict | None, similarity: dict[str, dict], 
               "Mean with 95 % interval; L1 and L2 between unit-length vectors.", "",
               "| model | cosine angle (deg) | L1 | L2 |", "|---|---|---|---|"]
     for name, sim in similarity.items():
-        lines.append(f"| {name} | " + " | ".join(_cell(sim[key], scale=1.0, digits=3 if key != "cosine_angle_deg" else 1)
+        lines.append(f"| {name} | " + " | ".join(cell(sim[key], scale=1.0, digits=3 if key != "cosine_angle_deg" else 1)
                                                   for key in ("cosine_angle_deg", "l1", "l2")) + " |")
     return "\n".join(lines) + "\n"
