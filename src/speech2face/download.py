@@ -485,8 +485,9 @@ def run_download(csv_path: str | Path, out_dir: str | Path, manifest_path: str |
             summary.skip(reason_code(reason))
     # error messages may quote the source's full path: the project root becomes {root}
     root_text = Path(root).resolve().as_posix()
-    manifest["reason"] = manifest["reason"].map(lambda r: r.replace(quote(root_text), "{root}")
-                                                .replace(root_text, "{root}"))
+    if root_text != "/":
+        manifest["reason"] = manifest["reason"].map(lambda r: r.replace(quote(root_text), "{root}")
+                                                    .replace(root_text, "{root}"))
     write_table(manifest[MANIFEST_COLUMNS].assign(path=manifest["path"].map(lambda p: _relative_to(p, root))),
                 manifest_path)
     for line in availability_lines(availability(manifest)):  # before the summary: it stays last
