@@ -70,10 +70,11 @@ def retrieval_hits(queries: np.ndarray, gallery: np.ndarray, true_index: np.ndar
     """Per-query outcomes: {metric: {"whole": {K: 0/1 per query}, "sampled": {K: share of
     draws per query} or None, "rank": 1-based rank per query}}.
 
-    Queries and gallery are scaled to unit length first, for every metric: the encoder is
-    trained for the direction of the face feature (the normalised-L2 loss), so the length
-    of its output carries no information, and L1/L2 distances on raw outputs would rank by
-    an accident of scale. On unit vectors L2 orders items exactly as cosine does (|q-g|^2
+    Queries and gallery are scaled to unit length first, for every metric: the length of
+    an encoder output is not what is being asked about (the normalised-L2 term fixes only
+    its direction, and the face decoder reads every input at the training features' mean
+    length), so L1/L2 distances on raw outputs would rank partly by an accident of scale.
+    On unit vectors L2 orders items exactly as cosine does (|q-g|^2
     = 2 - 2 q.g); L1 differs a little. The paper reports all three, so all three are here.
     The paper's random galleries run when ``sampled_gallery_size`` is set and the gallery
     has at least that many identities.
@@ -265,9 +266,10 @@ def summary_markdown(test: dict, val: dict | None, similarity: dict[str, dict], 
                   "(`dvc exp run -S ...`) by these figures; the test split is only reported.", ""]
         lines += recall_rows(val, "cosine", counts["val_identities"])
     lines += ["", "## Test split, L2 and L1", "",
-              "Predictions and gallery features are scaled to unit length first: the encoder learns the direction "
-              "of the face feature (normalised-L2 loss), so the length of its output means nothing. On unit vectors "
-              "L2 ranks exactly as cosine does; L1 differs a little.", ""]
+              "Predictions and gallery features are scaled to unit length first: the normalised-L2 term fixes only "
+              "the direction of a prediction and the face decoder reads every input at one length, so distances "
+              "between raw outputs would rank partly by scale. On unit vectors L2 ranks exactly as cosine does; "
+              "L1 differs a little.", ""]
     for metric in ("l2", "l1"):
         lines += [f"**{metric.upper()}**", ""] + recall_rows(test, metric, counts["test_identities"]) + [""]
     lines += ["## Feature similarity (predicted vs true face feature, test split)", "",
