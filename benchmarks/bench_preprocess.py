@@ -8,8 +8,8 @@ data/manifests/download.csv), the first ``limit`` usable ones. Where that output
 segments of the embedded sample corpus (data/sample, file:// URLs) into a temp folder:
 data/clips itself is never written here.
 
-The pipeline: each worker count runs the three stages (speech2face.extract.run_extract,
-stages/spectrogram.py, stages/faces.py) from scratch into a temp folder with the
+The pipeline: each worker count runs the three stages (speech2face.data.extract.run_extract,
+.spectrogram.run_spectrogram, .faces.run_faces) from scratch into a temp folder with the
 params.yaml settings, process pools and model loading included.
 
 The baseline (``naive``), measured in the same run, is how the public re-implementations
@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import io
 import os
 import subprocess
@@ -41,15 +42,17 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import benchlib  # noqa: E402  (puts src/ and stages/ on the path)
+import benchlib  # noqa: E402  (puts src/ on the path)
 from benchlib import ROOT  # noqa: E402
 
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
-from speech2face.extract import run_extract  # noqa: E402
-from speech2face.params import load_section  # noqa: E402
-from speech2face.tables import OK, read_table, write_table  # noqa: E402
+from speech2face.core.params import load_config, load_section  # noqa: E402
+from speech2face.data.extract import ExtractConfig, run_extract  # noqa: E402
+from speech2face.data.faces import FacesConfig, run_faces  # noqa: E402
+from speech2face.data.spectrogram import SpectrogramConfig, run_spectrogram  # noqa: E402
+from speech2face.core.tables import OK, read_table, write_table  # noqa: E402
 
 STEPS = ("extract", "spectrogram", "faces")
 
@@ -66,17 +69,15 @@ def clip_source(limit: int | None, work: Path, from_sample: bool = False) -> tup
         table = table[[(clips_dir / Path(p).name).exists() for p in table["path"]]]
         origin = "data/clips (download stage output)"
     else:
-        from speech2face.download import DEFAULT_FORMAT, run_download
+        from speech2face.data.download import DownloadConfig, download_stage
 
-        p = load_section("download", ROOT / "params.yaml")
+        p = load_config(DownloadConfig, ROOT / "params.yaml")
         built = work / "download-all.csv"
         clips_dir = work / "clips"
+        # limit on CSV rows: a few extra rows cover segments the download refuses
+        p = dataclasses.replace(p, csv=str(ROOT / p.csv), limit=None if limit is None else limit + 3)
         with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
-            # limit on CSV rows: a few extra rows cover segments the download refuses
-            run_download(ROOT / p["csv"], clips_dir, built, p["url_template"], ROOT, p["allow_file_urls"],
-                         None if limit is None else limit + 3, p["workers"], p["retries"],
-                         p["backoff_seconds"], p["timeout_seconds"], p["min_seconds"],
-                         p.get("format", DEFAULT_FORMAT))
+            download_stage(p, clips_dir, built, ROOT)
         table = read_table(built)
         table = table[table["status"] == OK]
         origin = "cut from data/sample by the download code (data/clips absent or --from-sample)"
@@ -93,24 +94,18 @@ def clip_source(limit: int | None, work: Path, from_sample: bool = False) -> tup
 
 def run_pipeline(manifest: Path, clips_dir: Path, workers: int, out: Path) -> dict[str, float]:
     """Seconds per step of the three stages with ``workers`` workers (params.yaml otherwise)."""
-    import faces
-    import spectrogram
-
     params = ROOT / "params.yaml"
-    e, s, f = (load_section(name, params) for name in STEPS)
+    e, s, f = (dataclasses.replace(load_config(cls, params), workers=workers)
+               for cls in (ExtractConfig, SpectrogramConfig, FacesConfig))
     timings = {}
     started = time.perf_counter()
-    run_extract(manifest, clips_dir, out / "extracted", e["frames_per_clip"], e["sample_rate"],
-                e["frame_max_side"], e["shard_size"], workers)
+    run_extract(manifest, clips_dir, out / "extracted", e)
     timings["extract"] = time.perf_counter() - started
     started = time.perf_counter()
-    spectrogram.run(out / "extracted", out / "spectrograms", s["seconds"], s["sample_rate"], s["window"], s["hop"],
-                    s["n_fft"], s["power"], s["dtype"], s["batch_size"], workers)
+    run_spectrogram(out / "extracted", out / "spectrograms", s)
     timings["spectrogram"] = time.perf_counter() - started
     started = time.perf_counter()
-    faces.run(out / "extracted", out / "faces", f["detector"], f["upsample"], f["backend"], f["vggface_weights"],
-              f["crop_size"], workers, f["split_fractions"], f["split_seed"], f["embed_frames"],
-              f["detect_max_side"], f["max_centre_offset"])
+    run_faces(out / "extracted", out / "faces", f)
     timings["faces"] = time.perf_counter() - started
     index = read_table(out / "faces" / "index.csv")
     timings["faces_found"] = int((index["status"] == OK).sum())
@@ -156,7 +151,7 @@ def run_naive(manifest: Path, clips_dir: Path, tmp: Path, limit: int | None = No
         import face_recognition
 
     from bench_spectrogram import librosa_one
-    from speech2face.audio import SpectrogramSettings, loop_to_length
+    from speech2face.data.audio import SpectrogramSettings, loop_to_length
 
     e, s = load_section("extract", ROOT / "params.yaml"), load_section("spectrogram", ROOT / "params.yaml")
     settings = SpectrogramSettings(s["seconds"], s["sample_rate"], s["window"], s["hop"], s["n_fft"], s["power"])

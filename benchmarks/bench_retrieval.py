@@ -10,7 +10,7 @@ Gaussian noise. Three ways of getting every query's rank (R@K follows from the r
   per row (the same rule: items at least as close). It is the baseline, run on as many
   queries as keep that matrix under ``naive_entries`` floats and ``naive_flops`` (the
   full 10,000-query matrix would take 40 GB at 1e6 items); the figures compare queries/s.
-- ``streamed``: speech2face.retrieval.true_ranks, always on all queries.
+- ``streamed``: speech2face.evaluation.retrieval.true_ranks, always on all queries.
 
 Top-k (k=100, for galleries of pictures): retrieval.top_k on all queries against the naive
 full matrix + torch.topk on a query subset.
@@ -36,7 +36,7 @@ from benchlib import PeakMemory, figure  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from speech2face import retrieval  # noqa: E402
+from speech2face.evaluation import retrieval  # noqa: E402
 
 TARGET = {"queries": 10_000, "gallery": 1_000_000, "dim": 128, "seconds": 60.0}
 K_TOP = 100

@@ -22,7 +22,7 @@ import librosa  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from speech2face.audio import SpectrogramSettings, spectrogram_batch  # noqa: E402
+from speech2face.data.audio import SpectrogramSettings, spectrogram_batch  # noqa: E402
 
 
 def librosa_one(audio: np.ndarray, s: SpectrogramSettings) -> np.ndarray:

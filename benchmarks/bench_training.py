@@ -2,10 +2,10 @@
 
     .venv/bin/python benchmarks/bench_training.py [--batch 2] [--steps 3] [--frames 598]
 
-The model is speech2face.models.VoiceEncoder(out_dim=4096, width=1.0, input_mode="complex")
-(148 M parameters) on 598 x 257 x 2 spectrograms, trained as speech2face.training does:
+The model is speech2face.models.voice_encoder.VoiceEncoder(out_dim=4096, width=1.0, input_mode="complex")
+(148 M parameters) on 598 x 257 x 2 spectrograms, trained as speech2face.training.encoder does:
 Adam (EncoderConfig's settings), the encoder loss (normalised-L2 term), batches from
-speech2face.pairs.PairDataset (random time roll) through a DataLoader over the
+speech2face.data.pairs.PairDataset (random time roll) through a DataLoader over the
 memory-mapped spectrogram shards of data/spectrograms; where that folder is absent,
 synthetic shards of the same format are written to a temp folder. Face features are
 random 4096-D vectors (the loss value does not change the cost).
@@ -25,7 +25,7 @@ comparison is made on the model's largest convolution (Table 1's third, 64->128 
 when bf16 is at least half as fast as fp32 there.
 
 Data wait: seconds per step spent waiting for the DataLoader (the time between the end of
-one step and the arrival of the next batch), as speech2face.training measures it.
+one step and the arrival of the next batch), as speech2face.training.encoder measures it.
 """
 
 from __future__ import annotations
@@ -46,12 +46,13 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 import torch  # noqa: E402
 
-from speech2face.losses import EncoderLoss  # noqa: E402
-from speech2face.models import VoiceEncoder, count_parameters  # noqa: E402
-from speech2face.pairs import PairDataset, Pairs  # noqa: E402
-from speech2face.spectrograms import open_spectrograms  # noqa: E402
-from speech2face.tables import OK, write_table  # noqa: E402
-from speech2face.training import EncoderConfig, make_optimizer  # noqa: E402
+from speech2face.models.losses import EncoderLoss  # noqa: E402
+from speech2face.models.voice_encoder import VoiceEncoder, count_parameters  # noqa: E402
+from speech2face.data.pairs import PairDataset, Pairs  # noqa: E402
+from speech2face.data.spectrogram_files import open_spectrograms  # noqa: E402
+from speech2face.core.tables import OK, write_table  # noqa: E402
+from speech2face.training.encoder import EncoderConfig  # noqa: E402
+from speech2face.training.loop import make_optimizer  # noqa: E402
 
 OUT_DIM, WIDTH, INPUT_MODE = 4096, 1.0, "complex"
 FULL_FRAMES, N_FREQ = 598, 257
@@ -115,7 +116,7 @@ def matmul_peak(device: torch.device, dtype: torch.dtype, n: int, repeats: int) 
 # ---------------------------------------------------------------------------- data
 
 def synthetic_shards(folder: Path, n_clips: int, seed: int = 0) -> Path:
-    """Spectrogram-stage shards (format: speech2face.spectrograms) of random float16 values."""
+    """Spectrogram-stage shards (format: speech2face.data.spectrogram_files) of random float16 values."""
     folder.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
     array = np.lib.format.open_memmap(folder / "shard-00000.npy", mode="w+", dtype=np.float16,

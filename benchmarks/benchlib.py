@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Callable
 
 ROOT = Path(__file__).resolve().parents[1]
-for _path in (ROOT / "src", ROOT / "stages"):
+for _path in (ROOT / "src",):
     if str(_path) not in sys.path:
         sys.path.insert(0, str(_path))
 

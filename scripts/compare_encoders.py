@@ -24,26 +24,27 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
-from speech2face import evaluation  # noqa: E402
+from speech2face.evaluation import metrics as evaluation  # noqa: E402
 from speech2face.cli import resolve_model  # noqa: E402
-from speech2face.determinism import fix_threads  # noqa: E402
-from speech2face.encoder_io import load_encoder  # noqa: E402
-from speech2face.intervals import ClusterBootstrap, verdict  # noqa: E402
-from speech2face.pairs import load_pairs  # noqa: E402
-from speech2face.params import load_section  # noqa: E402
+from speech2face.core.determinism import fix_threads  # noqa: E402
+from speech2face.models.encoder_io import load_encoder  # noqa: E402
+from speech2face.evaluation.intervals import ClusterBootstrap, verdict  # noqa: E402
+from speech2face.data.pairs import load_pairs  # noqa: E402
+from speech2face.core.params import load_config  # noqa: E402
+from speech2face.evaluation.evaluate import EvaluateConfig  # noqa: E402
 
 KS = (1, 5, 10)
 
 
 def compare(encoders: list[str], names: list[str], split: str) -> str:
-    settings = load_section("evaluate", ROOT / "params.yaml")
-    fix_threads(int(settings.get("threads", 2)))
+    settings = load_config(EvaluateConfig, ROOT / "params.yaml")
+    fix_threads(settings.threads)
     pairs = load_pairs(ROOT / "data" / "spectrograms", ROOT / "data" / "faces").subset(split)
     if len(pairs) == 0:
         raise SystemExit(f"compare_encoders: the {split} split is empty (run `dvc repro` first)")
     identities = pairs.table["identity"].to_numpy()
     _, gallery, true_index = evaluation.identity_gallery(identities, pairs.features)
-    boot = ClusterBootstrap(identities, replicates=int(settings["bootstrap"]), seed=int(settings["seed"]))
+    boot = ClusterBootstrap(identities, replicates=settings.bootstrap, seed=settings.seed)
     hits = {}
     with tempfile.TemporaryDirectory() as workdir:
         for name, location in zip(names, encoders):
@@ -54,7 +55,7 @@ def compare(encoders: list[str], names: list[str], split: str) -> str:
                                                    sampled_gallery_size=None)["cosine"]["whole"]
     ks = [k for k in KS if k in hits[names[0]]]
     lines = [f"{split} split: {len(pairs)} voices of {len(gallery)} identities; R@K in % (cosine), "
-             f"95 % intervals from {settings['bootstrap']} bootstrap replicates over identities", "",
+             f"95 % intervals from {settings.bootstrap} bootstrap replicates over identities", "",
              "| encoder | " + " | ".join(f"R@{k}" for k in ks) + " |", "|---|" + "---|" * len(ks)]
     for name in names:
         lines.append(f"| {name} | " + " | ".join(evaluation.cell(boot.interval(hits[name][k]).as_dict())

@@ -17,22 +17,22 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
-from speech2face import sample_corpus  # noqa: E402
+from speech2face.sample_corpus.corpus import DEFAULT_SEED, N_IDENTITIES, generate  # noqa: E402
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=ROOT / "data" / "sample")
     parser.add_argument("--faces", type=Path, default=ROOT.parent / "shared" / "media" / "faces")
-    parser.add_argument("--seed", type=int, default=sample_corpus.DEFAULT_SEED)
-    parser.add_argument("--identities", type=int, default=sample_corpus.N_IDENTITIES)
+    parser.add_argument("--seed", type=int, default=DEFAULT_SEED)
+    parser.add_argument("--identities", type=int, default=N_IDENTITIES)
     parser.add_argument("--workers", type=int, default=2)
     args = parser.parse_args()
     if not args.faces.is_dir():
         sys.exit(f"make_sample_corpus: portraits folder not found: {args.faces}")
     started = time.monotonic()
-    summary = sample_corpus.generate(args.out, args.faces, seed=args.seed,
-                                     n_identities=args.identities, workers=args.workers)
+    summary = generate(args.out, args.faces, seed=args.seed, n_identities=args.identities,
+                       workers=args.workers)
     print(f"make_sample_corpus: {summary['identities']} identities, {summary['rows'] - summary['bad_rows']} good rows, "
           f"{summary['bad_rows']} bad rows, {summary['total_bytes'] / 1e6:.1f} MB in {args.out}, "
           f"{time.monotonic() - started:.0f} s")

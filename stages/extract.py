@@ -1,38 +1,23 @@
-"""DVC stage: downloaded clips -> 16 kHz mono audio + face frames (data/extracted/)."""
+"""DVC stage extract: downloaded clips -> 16 kHz mono audio + face frames, in shards.
 
-from __future__ import annotations
+Logic: speech2face.data.extract (settings: its ExtractConfig, the ``extract`` section).
+"""
 
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from speech2face.engine import EngineError, read_engine  # noqa: E402
-from speech2face.extract import run_extract  # noqa: E402
-from speech2face.params import ParamsError, get_int, load_section  # noqa: E402
-
-SECTION = "extract"
+from speech2face.core.params import load_config  # noqa: E402
+from speech2face.core.paths import project_paths  # noqa: E402
+from speech2face.core.stage import run_stage  # noqa: E402
+from speech2face.data.extract import ExtractConfig, run_extract  # noqa: E402
 
 
 def main() -> None:
-    p = load_section(SECTION)
-    engine, cluster_address = read_engine(p, SECTION)
-    run_extract(
-        download_manifest=Path("data/manifests/download.csv"),
-        clips_dir=Path("data/clips"),
-        out_dir=Path("data/extracted"),
-        frames_per_clip=get_int(p, SECTION, "frames_per_clip", minimum=1),
-        sample_rate=get_int(p, SECTION, "sample_rate", minimum=1000),
-        frame_max_side=get_int(p, SECTION, "frame_max_side", minimum=64),
-        shard_size=get_int(p, SECTION, "shard_size", minimum=1),
-        workers=get_int(p, SECTION, "workers", minimum=1),
-        engine=engine,
-        cluster_address=cluster_address,
-    )
+    paths = project_paths()
+    run_extract(paths.download_manifest, paths.clips, paths.extracted, load_config(ExtractConfig))
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (ParamsError, EngineError) as error:
-        sys.exit(f"extract: {error}")
+    run_stage("extract", main)

@@ -7,7 +7,7 @@ statistics (mean 0, variance 1) the encoder maps every recording to nearly the s
 (cosine 0.999999 between different speakers), and the decoder's last layers start at std
 1e-3, so every image is the flat mean texture and "pixel-exact" would hold for any audio.
 So the encoder's batch-norm statistics are measured on real speech, the decoder gets real
-mean landmarks (tests/data/face_landmarks.npy), a real mean texture (astronaut.png), the
+mean landmarks (tests/fixtures/face_landmarks.npy), a real mean texture (astronaut.png), the
 input standardisation of those features and visible last layers: then the features of the
 six recordings below have cosines of 0.16-0.53 and their faces differ by 34-50 grey levels
 per pixel on average (``test_the_faces_depend_on_the_voice`` keeps that so).
@@ -42,11 +42,11 @@ import torch
 from click.testing import CliRunner
 from PIL import Image
 
-from speech2face.audio import SpectrogramSettings, spectrogram_batch
+from speech2face.data.audio import SpectrogramSettings, spectrogram_batch
 from speech2face.cli import main
-from speech2face.decoder import FaceDecoder, load_decoder, save_decoder
-from speech2face.encoder_io import load_encoder, save_encoder
-from speech2face.models import VoiceEncoder
+from speech2face.models.face_decoder import FaceDecoder, load_decoder, save_decoder
+from speech2face.models.encoder_io import load_encoder, save_encoder
+from speech2face.models.voice_encoder import VoiceEncoder
 from speech2face.voice_to_face import Prediction, load_voice, predict_face, windows
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -54,7 +54,7 @@ MEDIA = ROOT.parent / "shared" / "media"
 LIBRISPEECH = MEDIA / "speech" / "librispeech"
 CREMAD = MEDIA / "av" / "cremad"
 NO_AUDIO_SAMPLE = ROOT / "data" / "sample" / "videos" / "Zv2dgw2ourQ.mp4"  # data/sample/README.md
-LANDMARKS = Path(__file__).parent / "data" / "face_landmarks.npy"
+LANDMARKS = Path(__file__).parent / "fixtures" / "face_landmarks.npy"
 CONSOLE_SCRIPT = Path(sys.executable).parent / "speech2face"
 
 SETTINGS = SpectrogramSettings()          # the paper's: 6 s, 16 kHz, 400/160/512, power 0.3
@@ -225,7 +225,7 @@ def ffmpeg(*args: str) -> None:
 
 
 def reference_samples(path: Path) -> np.ndarray:
-    """16 kHz mono float samples without speech2face.media: soundfile for FLAC (no
+    """16 kHz mono float samples without speech2face.data.media: soundfile for FLAC (no
     resampling needed), the ffmpeg command for the rest."""
     if path.suffix == ".flac":
         import soundfile

@@ -27,12 +27,12 @@ from typing import TYPE_CHECKING, Iterator
 
 import click
 
-from .params import ParamsError
+from speech2face.core.params import ParamsError
 
 if TYPE_CHECKING:
-    from .audio import SpectrogramSettings
-    from .decoder import FaceDecoder
-    from .models import VoiceEncoder
+    from speech2face.data.audio import SpectrogramSettings
+    from speech2face.models.face_decoder import FaceDecoder
+    from speech2face.models.voice_encoder import VoiceEncoder
 
 # torch (and MLflow) are imported only where needed: `--help` and the errors about a missing
 # recording answer at once instead of after seconds of start-up.
@@ -93,7 +93,7 @@ def resolve_model(location: str, stem: str, workdir: Path) -> Path:
     """A local .pt path; MLflow URIs are downloaded into ``workdir`` first."""
     if not is_uri(location):
         return Path(location)
-    from . import tracking
+    from speech2face.core import tracking
 
     uri = tracking.tracking_uri()
     absent = missing_sqlite_store(uri) if location.startswith(("runs:/", "models:/")) else None
@@ -129,8 +129,8 @@ def resolve_model(location: str, stem: str, workdir: Path) -> Path:
 def spectrogram_settings(encoder_path: Path) -> SpectrogramSettings:
     """The settings the encoder was trained with (stored beside it), else params.yaml's, else
     the defaults. ``ParamsError`` names the file the bad value came from."""
-    from .audio import SpectrogramSettings
-    from .encoder_io import encoder_meta
+    from speech2face.data.audio import SpectrogramSettings
+    from speech2face.models.encoder_io import encoder_meta
 
     source = encoder_path.with_suffix(".json")
     stored = encoder_meta(encoder_path).get("spectrogram")
@@ -149,9 +149,9 @@ def spectrogram_settings(encoder_path: Path) -> SpectrogramSettings:
 
 def load_models(encoder_path: Path, decoder_path: Path) -> tuple[VoiceEncoder, FaceDecoder, SpectrogramSettings]:
     """(encoder, decoder, spectrogram settings); ClickException with one line on any failure."""
-    from .decoder import load_decoder
-    from .encoder_io import load_encoder
-    from .model_files import ModelFileError
+    from speech2face.core.model_files import ModelFileError
+    from speech2face.models.encoder_io import load_encoder
+    from speech2face.models.face_decoder import load_decoder
 
     # The files are the user's: anything can be wrong with them (missing, not a torch file,
     # a .json without a key, weights of another shape), and each is one line, not a traceback.
@@ -177,7 +177,7 @@ def write_png(image, output: Path) -> None:
     """Atomic write (never a half-written PNG), with the permissions of an ordinary new file."""
     from PIL import Image
 
-    from .fsutil import atomic_path
+    from speech2face.core.fsutil import atomic_path
 
     umask = os.umask(0)
     os.umask(umask)

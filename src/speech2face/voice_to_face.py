@@ -16,13 +16,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .audio import SpectrogramSettings, spectrogram_batch
-from .decoder import FaceDecoder, to_uint8
-from .media import MediaError, decode_audio, probe
-from .models import VoiceEncoder
+from speech2face.core.errors import Speech2FaceError
+from speech2face.data.audio import SpectrogramSettings, spectrogram_batch
+from speech2face.data.media import MediaError, decode_audio, probe
+from speech2face.models.face_decoder import FaceDecoder, to_uint8
+from speech2face.models.voice_encoder import VoiceEncoder
 
 
-class VoiceError(ValueError):
+class VoiceError(Speech2FaceError, ValueError):
     """The recording cannot be used (missing, no audio stream, unreadable, empty, silent)."""
 
 

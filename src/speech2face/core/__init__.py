@@ -1,0 +1,1 @@
+"""Shared machinery of every stage: params, shards, engines, files, tracking, errors."""

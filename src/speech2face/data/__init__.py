@@ -1,0 +1,1 @@
+"""The data stages: AVSpeech rows -> clips -> audio + frames -> spectrograms, faces, splits."""

@@ -1,0 +1,1 @@
+"""Retrieval R@K with intervals, decoded-face measures and the evaluation report."""

@@ -1,0 +1,1 @@
+"""Training the face decoder and the voice encoder."""

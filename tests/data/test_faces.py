@@ -1,0 +1,274 @@
+"""The faces stage on extract shards built from real photos, and the identity split."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+
+from speech2face.data import extract_files as extracted
+from speech2face.data import split
+from speech2face.data.face_backends import make_backend
+from speech2face.data.face_analysis import FaceAnalyzer
+from speech2face.core.params import ParamsError, build_config
+from speech2face.data import face_files
+from speech2face.data.faces import FacesConfig, run_faces
+from speech2face.core.tables import read_table
+
+ROOT = Path(__file__).resolve().parents[2]
+FACES = ROOT.parent / "shared" / "media" / "faces"
+needs_media = pytest.mark.skipif(not FACES.is_dir(), reason=f"real media folder {FACES} absent")
+
+DEFAULTS = dict(detector="hog", upsample=1, backend="dlib128", vggface_weights=None, crop_size=224,
+                workers=2, split_fractions=[0.7, 0.1, 0.2], split_seed=0)
+
+
+def _config(**changes) -> FacesConfig:
+    """The faces section as the stage builds it (checked), with ``changes``."""
+    return build_config(FacesConfig, {**DEFAULTS, **changes})
+
+
+# ------------------------------------------------------------------------- split
+
+def test_split_is_deterministic_disjoint_and_near_the_fractions() -> None:
+    ids = [f"vid{i:05d}" for i in range(1000)]
+    splits = split.assign_splits(ids, (0.7, 0.1, 0.2), seed=0)
+    assert splits == split.assign_splits(list(reversed(ids)), (0.7, 0.1, 0.2), seed=0)
+    assert set(splits) == set(ids) and set(splits.values()) == {"train", "val", "test"}
+    counts = pd.Series(splits).value_counts(normalize=True)
+    # binomial standard deviation sqrt(0.7*0.3/1000) = 0.0145: 3.5 sd
+    assert abs(counts["train"] - 0.7) < 0.05 and abs(counts["val"] - 0.1) < 0.035
+    assert abs(counts["test"] - 0.2) < 0.045
+    other_seed = split.assign_splits(ids, (0.7, 0.1, 0.2), seed=1)
+    assert 0.3 < np.mean([splits[i] != other_seed[i] for i in ids]) < 0.7
+
+
+def test_split_is_stable_when_identities_come_and_go() -> None:
+    ids = [f"vid{i:05d}" for i in range(1000)]
+    before = split.assign_splits(ids, (0.7, 0.1, 0.2), seed=3)
+    grown = split.assign_splits(ids + [f"new{i}" for i in range(500)], (0.7, 0.1, 0.2), seed=3)
+    shrunk = split.assign_splits(ids[300:], (0.7, 0.1, 0.2), seed=3)
+    assert all(grown[i] == before[i] for i in ids)
+    assert all(shrunk[i] == before[i] for i in ids[300:])
+
+
+def test_split_unit_is_uniform() -> None:
+    units = np.array([split.identity_unit(f"id{i}", 0) for i in range(4000)])
+    assert units.min() >= 0 and units.max() < 1
+    histogram, _ = np.histogram(units, bins=10, range=(0, 1))
+    assert histogram.min() > 330 and histogram.max() < 470   # 400 expected per bin
+
+
+def test_tiny_sets_still_get_train_and_test() -> None:
+    fractions = (0.7, 0.1, 0.2)
+    # find three ids that the plain hash puts all in train (happens for ~1/3 of triples)
+    for start in range(0, 300, 3):
+        ids = [f"t{start + k}" for k in range(3)]
+        if all(split.split_of_unit(split.identity_unit(i, 0), fractions) == "train" for i in ids):
+            break
+    else:
+        pytest.fail("no all-train triple found")
+    splits = split.assign_splits(ids, fractions, 0)
+    largest = max(ids, key=lambda i: split.identity_unit(i, 0))
+    assert splits[largest] == "test"
+    assert sorted(splits.values()) == ["test", "train", "train"]
+    # everything hashed into test: the smallest u moves to train
+    splits = split.assign_splits(ids, (0.01, 0.0, 0.99), 0)
+    smallest = min(ids, key=lambda i: split.identity_unit(i, 0))
+    assert splits[smallest] == "train" and sorted(splits.values()) == ["test", "test", "train"]
+    # two identities: no guarantee is promised, the hash rule stands
+    assert split.assign_splits(ids[:2], fractions, 0) == {i: "train" for i in ids[:2]}
+
+
+def test_bad_split_fractions() -> None:
+    for bad in ([0.7, 0.3], [0.5, 0.5, 0.5], [1.2, -0.1, -0.1], [float("nan"), 0.5, 0.5]):
+        with pytest.raises(ValueError, match="split fractions"):
+            split.check_fractions(bad)
+
+
+# ------------------------------------------------------------------------- stage
+
+def _photo(name: str) -> np.ndarray:
+    image = Image.open(FACES / name).convert("RGB")
+    image.thumbnail((640, 640), Image.Resampling.BILINEAR)
+    return np.asarray(image)
+
+
+def _write_extract_shard(folder: Path, name: str, clips: list[tuple[str, str, list, float, float]],
+                         failed: list[tuple[str, str]] = ()) -> None:
+    """An extract stage shard: npz of the clips that succeeded + the table of all clips."""
+    folder.mkdir(parents=True, exist_ok=True)
+    ids = [c[0] for c in clips]
+    extracted.save_shard(folder / f"{name}.npz", ids, [np.zeros(160, np.int16) for _ in clips],
+                         [[f if isinstance(f, bytes) else extracted.encode_jpeg(f) for f in c[2]] for c in clips],
+                         16000)
+    table = pd.DataFrame({
+        "clip_id": ids + [f[0] for f in failed],
+        "youtube_id": [c[1] for c in clips] + [f[0].split("_")[0] for f in failed],
+        "x": [c[3] for c in clips] + [0.5] * len(failed),
+        "y": [c[4] for c in clips] + [0.5] * len(failed),
+        "status": ["ok"] * len(clips) + ["failed"] * len(failed),
+        "reason": [""] * len(clips) + [f[1] for f in failed],
+    })
+    table.to_csv(folder / f"{name}.csv", index=False)
+
+
+@pytest.fixture(scope="module")
+def extract_dir(tmp_path_factory) -> Path:
+    if not FACES.is_dir():
+        pytest.skip(f"real media folder {FACES} absent")
+    folder = tmp_path_factory.mktemp("extracted")
+    grey = np.full((360, 640, 3), 128, np.uint8)
+    both = _photo("obama_and_biden.jpg")
+    _write_extract_shard(folder, "shard-00000", [
+        ("obamaAAAAAA_00000000_00003000", "obamaAAAAAA", [_photo("obama.jpg")] * 2, 0.5, 0.3),
+        ("greyGGGGGGG_00000000_00003000", "greyGGGGGGG", [grey, grey], 0.5, 0.5),
+        ("bidenBBBBBB_00000000_00003000", "bidenBBBBBB", [grey, _photo("biden.jpg")], 0.5, 0.15),
+        ("duoDDDDDDDD_00001000_00004000", "duoDDDDDDDD", [both, both], 0.43, 0.30),   # points at Biden
+    ], failed=[("brokenXXXXX_00000000_00003000", "undecodable")])
+    _write_extract_shard(folder, "shard-00001", [
+        ("obamaAAAAAA_00005000_00008000", "obamaAAAAAA", [_photo("obama2.jpg")] * 2, 0.5, 0.3),
+        ("bidenCCCCCC_00000000_00003000", "bidenCCCCCC", [_photo("biden2.jpg")] * 2, 0.5, 0.3),
+        ("junkJJJJJJJ_00000000_00003000", "junkJJJJJJJ", [b"not a jpeg"], 0.5, 0.5),   # corrupt frame
+    ])
+    return folder
+
+
+@pytest.fixture(scope="module")
+def first_run(extract_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("faces")
+    index = run_faces(extract_dir, out, _config())
+    return out, index
+
+
+def test_stage_outputs(extract_dir, first_run) -> None:
+    out, index = first_run
+    assert list(index.columns) == face_files.INDEX_COLUMNS
+    assert list(index["clip_id"]) == [
+        "obamaAAAAAA_00000000_00003000", "greyGGGGGGG_00000000_00003000", "bidenBBBBBB_00000000_00003000",
+        "duoDDDDDDDD_00001000_00004000", "obamaAAAAAA_00005000_00008000", "bidenCCCCCC_00000000_00003000",
+        "junkJJJJJJJ_00000000_00003000"]
+    assert list(index["status"]) == ["ok", "skipped", "ok", "ok", "ok", "ok", "failed"]
+    assert list(index["reason"]) == ["", "no_face", "", "", "", "", "undecodable_frame"]
+    assert list(index["row"]) == [0, -1, 1, 2, 0, 1, -1]
+    assert list(index["shard"]) == ["shard-00000"] * 4 + ["shard-00001"] * 3
+    grey = index.iloc[1]
+    assert (grey["frames_examined"], grey["frames_with_face"], grey["faces_in_frame"]) == (2, 0, 0)
+    duo = index.iloc[3]
+    assert duo["faces_in_frame"] >= 2 and duo["frames_with_face"] == 1
+    biden = index.iloc[2]   # face only in frame 1 of 2: frame 0 (the middle-most) examined first
+    assert (biden["frames_examined"], biden["frames_with_face"]) == (2, 1)
+
+    assert set(index["split"]) <= {"train", "val", "test"}
+    assert index.groupby("identity")["split"].nunique().max() == 1
+    on_disk = read_table(out / "index.csv")
+    pd.testing.assert_frame_equal(on_disk, index.astype(on_disk.dtypes.to_dict()), check_dtype=False)
+
+    features = np.load(out / "features-00000.npy", allow_pickle=False)
+    crops = np.load(out / "crops-00000.npy", allow_pickle=False)
+    landmarks = np.load(out / "landmarks-00000.npy", allow_pickle=False)
+    assert features.shape == (3, 128) and features.dtype == np.float32
+    assert crops.shape == (3, 224, 224, 3) and crops.dtype == np.uint8
+    assert landmarks.shape == (3, 68, 2) and landmarks.dtype == np.float32
+    assert np.load(out / "features-00001.npy").shape == (2, 128)
+
+    # Parity with the library run directly on the same (JPEG round-tripped) frames.
+    source = extracted.load_shard(extract_dir / "shard-00000.npz")
+    clip = FaceAnalyzer("hog", 1).analyse_clip(source.frames(3), 0.43, 0.30, make_backend("dlib128"))
+    np.testing.assert_allclose(features[2], clip.feature, atol=1e-6)
+    np.testing.assert_array_equal(crops[2], clip.representative.crop)
+    np.testing.assert_array_equal(landmarks[2], clip.representative.landmarks)
+
+    # Identity structure survives the stage: Biden in the two-person frame is nearest Biden.
+    other = np.load(out / "features-00001.npy")
+    distance = lambda a, b: float(np.linalg.norm(a - b))   # noqa: E731
+    assert distance(features[2], other[1]) < distance(features[2], other[0])   # biden2 vs obama2
+    assert distance(features[0], other[0]) < distance(features[0], other[1])   # obama vs obama2
+
+    meta = json.loads((out / "meta.json").read_text())
+    assert (meta["backend"], meta["dim"], meta["crop_size"]) == ("dlib128", 128, 224)
+    assert "seconds_per_clip" not in meta  # machine-dependent: printed, never in the DVC output
+
+
+def test_stage_resumes(extract_dir, first_run, capsys) -> None:
+    out, index = first_run
+    arrays = sorted(out.glob("*.npy"))
+    stamps = {p: p.stat().st_mtime_ns for p in arrays + sorted(out.glob("shard-*.csv"))}
+    again = run_faces(extract_dir, out, _config())
+    pd.testing.assert_frame_equal(again, index)
+    assert {p: p.stat().st_mtime_ns for p in stamps} == stamps        # nothing rewritten
+    line = capsys.readouterr().out.strip().splitlines()[-1]
+    assert line.startswith("faces: 0 done, 7 reused from an earlier run, 1 skipped (extract_failed: 1)")
+
+    # an interrupted run: shard 1's table never got written -> only shard 1 is redone
+    (out / "shard-00001.csv").unlink()
+    (out / "features-00001.npy").write_bytes(b"half written")
+    third = run_faces(extract_dir, out, _config(workers=1))
+    pd.testing.assert_frame_equal(third, index)
+    assert (out / "crops-00000.npy").stat().st_mtime_ns == stamps[out / "crops-00000.npy"]
+    assert np.load(out / "features-00001.npy").shape == (2, 128)
+    assert "4 reused" in capsys.readouterr().out
+
+
+@needs_media
+def test_stage_with_vggface_backend(tmp_path) -> None:
+    """The paper's backend through the stage (random weights: checks the plumbing)."""
+    import torch
+
+    from speech2face.data.face_backends import build_vggface
+
+    torch.manual_seed(0)
+    model = build_vggface().eval()
+    weights = tmp_path / "vggface.pt"
+    torch.save(model.state_dict(), weights)
+    extract = tmp_path / "extracted"
+    _write_extract_shard(extract, "shard-00000", [
+        ("obamaAAAAAA_00000000_00003000", "obamaAAAAAA", [_photo("obama.jpg")], 0.5, 0.3),
+        ("greyGGGGGGG_00000000_00003000", "greyGGGGGGG", [np.full((64, 64, 3), 128, np.uint8)], 0.5, 0.5),
+    ])
+    out = tmp_path / "faces"
+    index = run_faces(extract, out, _config(backend="vggface4096", vggface_weights=str(weights), workers=1))
+    assert list(index["status"]) == ["ok", "skipped"]
+    features = np.load(out / "features-00000.npy")
+    crops = np.load(out / "crops-00000.npy")
+    assert features.shape == (1, 4096)
+    with torch.inference_mode():
+        expected = model.features(torch.from_numpy(crops).permute(0, 3, 1, 2).float())
+    np.testing.assert_allclose(features, expected.numpy(), rtol=1e-5, atol=1e-5)
+    assert json.loads((out / "meta.json").read_text())["dim"] == 4096
+
+
+def test_stage_bad_params(tmp_path) -> None:
+    (tmp_path / "extracted").mkdir()
+    cases = [
+        ({"backend": "facenet"}, "faces.backend = 'facenet'"),
+        ({"backend": "vggface4096"}, "faces.vggface_weights = None"),
+        ({"backend": "vggface4096", "vggface_weights": str(tmp_path / "absent.pt")}, "an existing file"),
+        ({"detector": "mtcnn"}, "faces.detector"),
+        ({"split_fractions": [0.5, 0.6, 0.2]}, "sum to 1"),
+        ({"workers": 0}, "faces.workers"),
+        ({"upsample": 9}, "faces.upsample"),
+    ]
+    for change, message in cases:
+        with pytest.raises(ParamsError, match=message.replace(".", r"\.").replace("(", r"\(")):
+            run_faces(tmp_path / "extracted", tmp_path / "out", _config(**change))
+    with pytest.raises(FileNotFoundError, match="run the extract stage first"):
+        run_faces(tmp_path / "absent", tmp_path / "out", _config())
+
+
+def test_stage_script_reports_bad_params_in_one_line(tmp_path) -> None:
+    params = (ROOT / "params.yaml").read_text().replace("backend: dlib128", "backend: vggface4096")
+    (tmp_path / "params.yaml").write_text(params)
+    shutil.copy(ROOT / "dvc.yaml", tmp_path)
+    done = subprocess.run([sys.executable, str(ROOT / "stages" / "faces.py")], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode != 0
+    last = done.stderr.strip().splitlines()[-1]
+    assert last.startswith("faces: params.yaml: faces.vggface_weights = None: expected the path")

@@ -1,0 +1,142 @@
+"""In-process decoding (``media.decode_clip``, PyAV) against the ffmpeg program.
+
+The reference below is how the extract stage decoded before it moved in process: ffprobe
+for the durations, then one ffmpeg run with ``-ac 1 -ar RATE`` for the audio and a
+``select`` + ``scale`` filter for the frames. Both must give the same audio (to one
+least significant bit: the resampler's rounding) and the same frames.
+"""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+import ffmpeg
+import numpy as np
+import pytest
+
+from speech2face.data import media
+from speech2face.data.media import MediaError, decode_clip
+
+ROOT = Path(__file__).resolve().parents[2]
+CREMAD = ROOT.parent / "shared" / "media" / "av" / "cremad"
+SAMPLE_VIDEOS = ROOT / "data" / "sample" / "videos"
+
+
+def _ffmpeg(*args: str) -> None:
+    subprocess.run(["ffmpeg", "-v", "error", "-y", *args], check=True)
+
+
+def reference_decode(path: Path, n_frames: int, sample_rate: int, max_side: int):
+    """The ffmpeg command line: probe, then audio to a raw file and selected frames to a pipe."""
+    info = media.probe(path)
+    width, height = media.scaled_size(info.width, info.height, max_side)
+    slice_seconds = info.video_duration / n_frames
+    targets = [(k + 0.5) * slice_seconds for k in range(n_frames)]
+    terms = [f"gte(t,{targets[0]:.4f})*isnan(prev_selected_t)"]
+    terms += [f"gte(t,{t:.4f})*lt(prev_selected_t,{t:.4f})" for t in targets[1:]]
+    audio, _ = (ffmpeg.input(str(path)).output("pipe:", map="0:a:0", ac=1, ar=sample_rate, format="s16le",
+                                                acodec="pcm_s16le").run(capture_stdout=True, capture_stderr=True))
+    video = ffmpeg.input(str(path))["v:0"].filter("select", "+".join(terms)).filter("scale", width, height)
+    raw, _ = video.output("pipe:", format="rawvideo", pix_fmt="rgb24", vframes=n_frames,
+                          fps_mode="passthrough").run(capture_stdout=True, capture_stderr=True)
+    size = width * height * 3
+    frames = [np.frombuffer(raw, np.uint8, size, i * size).reshape(height, width, 3) for i in range(len(raw) // size)]
+    return np.frombuffer(audio, np.int16), frames, info
+
+
+def assert_same_decode(path: Path, n_frames: int, sample_rate: int = 16000, max_side: int = 640,
+                       frame_tolerance: int = 0, same_duration: bool = True) -> None:
+    audio, frames, info = decode_clip(path, n_frames, sample_rate, max_side)
+    want_audio, want_frames, want_info = reference_decode(path, n_frames, sample_rate, max_side)
+    if same_duration:
+        assert info == want_info
+    else:
+        assert info.video_duration == want_info.video_duration
+    assert audio.dtype == np.int16 and len(audio) == len(want_audio)
+    assert np.abs(audio.astype(np.int32) - want_audio).max() <= 1
+    assert len(frames) == len(want_frames) == n_frames
+    for got, want in zip(frames, want_frames):
+        assert got.shape == want.shape and got.dtype == np.uint8
+        assert np.abs(got.astype(np.int16) - want).max() <= frame_tolerance
+
+
+def test_sample_mp4_clips_match_the_ffmpeg_program(tmp_path: Path) -> None:
+    """H.264/AAC MP4 at 12 fps; 3 and 7 frames (targets fall on frame boundaries too)."""
+    videos = sorted(SAMPLE_VIDEOS.glob("*.mp4"))[:2]
+    assert videos, "embedded sample corpus missing"
+    for video in videos:
+        clip = tmp_path / f"{video.stem}.mp4"
+        _ffmpeg("-ss", "2", "-t", "7", "-i", str(video), "-c:v", "libx264", "-c:a", "aac", str(clip))
+        assert_same_decode(clip, 3)
+        assert_same_decode(clip, 7)
+
+
+@pytest.mark.skipif(not CREMAD.is_dir(), reason=f"real media folder {CREMAD} absent")
+def test_cremad_flv_vp6_mp3_scaled_matches_the_ffmpeg_program() -> None:
+    """FLV with VP6 video (480x360, scaled to 320x240 here), MP3 audio at 44.1 kHz, a
+    video stream that starts 27 ms after the file."""
+    for flv in sorted(CREMAD.glob("*.flv"))[:3]:
+        assert_same_decode(flv, 3, max_side=320, frame_tolerance=2)
+        assert_same_decode(flv, 3, max_side=640)
+
+
+def test_non_zero_start_time_and_stereo_48k(tmp_path: Path) -> None:
+    """Timestamps that start at 10 s (as in a cut that kept its source times) and 48 kHz
+    stereo audio: the frames are chosen relative to the file's start, as ffmpeg does."""
+    clip = tmp_path / "offset.mp4"
+    _ffmpeg("-f", "lavfi", "-i", "testsrc2=size=320x240:rate=25:duration=6", "-f", "lavfi",
+            "-i", "sine=frequency=440:sample_rate=48000:duration=6", "-ac", "2", "-pix_fmt", "yuv420p",
+            "-c:v", "libx264", "-c:a", "aac", "-output_ts_offset", "10", str(clip))
+    # Debian's ffprobe 5.1 gives this file a duration of 16 s (start time + length); the
+    # FFmpeg 7 libraries inside PyAV give its length, 6.02 s. Frames are timed by the video
+    # stream's own 6 s in both.
+    assert_same_decode(clip, 3, same_duration=False)
+    audio, frames, info = decode_clip(clip, 3)
+    assert abs(info.duration - 6.02) < 0.01 and info.video_duration == 6.0
+    assert abs(len(audio) / 16000 - 6.0) < 0.05
+    assert not np.array_equal(frames[0], frames[1])
+
+
+def test_damaged_files_fail_with_a_reason_or_decode_what_is_left(tmp_path: Path) -> None:
+    source = sorted(SAMPLE_VIDEOS.glob("*.mp4"))[0]
+    data = source.read_bytes()
+    cases = {
+        "empty.mp4": b"",
+        "text.mp4": b"not a video at all\n" * 100,
+        "header_only.mp4": data[:400],
+        "first_half.mp4": data[: len(data) // 2],
+    }
+    middle = bytearray(data)
+    rng = np.random.default_rng(0)
+    start = len(data) // 3
+    middle[start:start + 4096] = rng.integers(0, 256, 4096, dtype=np.uint8).tobytes()
+    cases["garbage_in_middle.mp4"] = bytes(middle)
+    outcomes = {}
+    for name, content in cases.items():
+        path = tmp_path / name
+        path.write_bytes(content)
+        try:
+            audio, frames, _ = decode_clip(path, 3)
+            outcomes[name] = ("ok", len(frames), len(audio))
+        except MediaError as error:
+            outcomes[name] = (error.reason,)
+    assert outcomes["empty.mp4"] == ("undecodable",)
+    assert outcomes["text.mp4"] == ("undecodable",)
+    assert outcomes["header_only.mp4"][0] in ("undecodable", "no_video", "no_audio", "no_frames", "empty_audio")
+    # Damage inside the file: what ffmpeg can still decode comes back (3 frames, audio).
+    assert outcomes["garbage_in_middle.mp4"][0] == "ok" and outcomes["garbage_in_middle.mp4"][1] == 3
+    assert outcomes["first_half.mp4"][0] in ("ok", "undecodable", "no_frames")
+
+
+def test_missing_streams_are_named(tmp_path: Path) -> None:
+    silent = tmp_path / "silent.mp4"
+    _ffmpeg("-f", "lavfi", "-i", "testsrc=size=160x120:rate=10:duration=2", "-pix_fmt", "yuv420p", str(silent))
+    with pytest.raises(MediaError) as error:
+        decode_clip(silent, 3)
+    assert error.value.reason == "no_audio"
+    sound = tmp_path / "sound.m4a"
+    _ffmpeg("-f", "lavfi", "-i", "sine=duration=2", str(sound))
+    with pytest.raises(MediaError) as error:
+        decode_clip(sound, 3)
+    assert error.value.reason == "no_video"
