@@ -33,6 +33,7 @@ import re
 import shutil
 import subprocess
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -472,7 +473,7 @@ def test_missing_voice_and_missing_default_models(models, tmp_path, monkeypatch)
     assert not (tmp_path / "face.png").exists()
 
 
-def broken_copy(source: Path, folder: Path, weights: bytes | None = None, meta: dict | None = None) -> Path:
+def broken_copy(source: Path, folder: Path, weights: bytes | None = None, meta: dict | list | None = None) -> Path:
     """Copy of a model's .pt/.json pair with the weights or the .json replaced."""
     folder.mkdir(exist_ok=True)
     target = folder / source.name
@@ -495,7 +496,17 @@ def test_broken_model_files_are_one_line(models, tmp_path) -> None:
     assert_one_line_error(run(bad, models.decoder_path), f"voice encoder {bad} is not a readable state dict")
     bad = broken_copy(models.encoder_path, tmp_path / "e2", meta={"out_dim": FEATURE_DIM})
     assert_one_line_error(run(bad, models.decoder_path),
-                          f"voice encoder settings {bad.with_suffix('.json')} are unusable", "'width'")
+                          f"voice encoder settings {bad.with_suffix('.json')} are unusable", "width = None")
+    # sizes a hostile JSON asks for are refused before anything is allocated
+    started = time.perf_counter()
+    bad = broken_copy(models.encoder_path, tmp_path / "e5", meta={**encoder_meta, "width": 1e9})
+    assert_one_line_error(run(bad, models.decoder_path), "width = 1000000000.0: expected a number from 0.001 to 2")
+    decoder_meta = json.loads(models.decoder_path.with_suffix(".json").read_text())
+    bad = broken_copy(models.decoder_path, tmp_path / "d5", meta={**decoder_meta, "in_dim": 10**12})
+    assert_one_line_error(run(models.encoder_path, bad), "in_dim = 1000000000000: expected a number from 1 to 8192")
+    bad = broken_copy(models.encoder_path, tmp_path / "e6", meta=[1, 2])
+    assert_one_line_error(run(bad, models.decoder_path), "expected a JSON object")
+    assert time.perf_counter() - started < 30
     bad = broken_copy(models.encoder_path, tmp_path / "e3",
                       meta={**encoder_meta, "spectrogram": {**SETTINGS.as_dict(), "window": 4000}})
     assert_one_line_error(run(bad, models.decoder_path), f"{bad.with_suffix('.json')}: spectrogram.n_fft")
@@ -507,6 +518,16 @@ def test_broken_model_files_are_one_line(models, tmp_path) -> None:
     other = tmp_path / "d2" / "face_decoder.pt"
     save_decoder(FaceDecoder(in_dim=64, width=WIDTH), other)
     assert_one_line_error(run(models.encoder_path, other), "128-D features", "64-D ones")
+    assert not output.exists()
+
+
+@needs_media
+def test_model_locations_other_than_paths_runs_and_models_are_refused(models, tmp_path) -> None:
+    voice, output = RECORDINGS["looped"], tmp_path / "face.png"
+    for location in ("http://127.0.0.1:9/voice_encoder.pt", "s3://bucket/voice_encoder.pt",
+                     "file:///etc/passwd", "mlflow-artifacts:/x/voice_encoder.pt"):
+        result = predict_cli(voice, output, "--encoder", location, "--decoder", str(models.decoder_path))
+        assert_one_line_error(result, location, "expected a path, runs:/<run id>/... or models:/<name>/...")
     assert not output.exists()
 
 
@@ -646,3 +667,49 @@ def test_missing_mlflow_store_is_one_line_and_creates_nothing(models, tmp_path) 
                          env={"MLFLOW_TRACKING_URI": f"sqlite:///{store}"})
     assert_one_line_error(result, "runs:/abc/model", f"no MLflow store at {store}")
     assert not store.parent.exists()
+
+
+PEAK_MEMORY = """
+import sys
+from pathlib import Path
+from speech2face.cli import spectrogram_settings
+from speech2face.models.encoder_io import load_encoder
+from speech2face.models.face_decoder import load_decoder
+from speech2face.voice_to_face import predict_face
+encoder_path = Path(sys.argv[1])
+prediction = predict_face(sys.argv[3], load_encoder(encoder_path), load_decoder(sys.argv[2]),
+                          spectrogram_settings(encoder_path), max_seconds=float(sys.argv[4]))
+# VmHWM: this process's own peak (ru_maxrss would carry over the forking parent's, pytest's)
+peak_kb = next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith("VmHWM:"))
+print(prediction.seconds, peak_kb)
+"""
+
+
+@needs_media
+def test_a_long_recording_takes_bounded_memory(models, tmp_path) -> None:
+    """predict decodes only the first max_seconds: its peak memory does not grow with the
+    recording (20 min and 1 h alike); decoding the whole hour (the old behaviour) does."""
+    def generated(name: str, seconds: int) -> Path:
+        path = tmp_path / name
+        subprocess.run(["ffmpeg", "-v", "error", "-f", "lavfi", "-i",
+                        f"sine=frequency=220:sample_rate=16000:duration={seconds}", "-af", "volume=0.5", str(path)],
+                       check=True)
+        return path
+
+    def peak_mb(voice: Path, max_seconds: float) -> tuple[float, float]:
+        done = subprocess.run([sys.executable, "-c", PEAK_MEMORY, str(models.encoder_path), str(models.decoder_path),
+                               str(voice), str(max_seconds)], capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr[-2000:]
+        seconds, kilobytes = done.stdout.split()
+        return float(seconds), int(kilobytes) / 1024
+
+    hour, twenty = generated("hour.flac", 3600), generated("twenty.flac", 1200)
+    _, short_peak = peak_mb(RECORDINGS["looped"], 600)
+    (twenty_seconds, twenty_peak), (hour_seconds, hour_peak) = peak_mb(twenty, 600), peak_mb(hour, 600)
+    whole_seconds, whole_peak = peak_mb(hour, 3600)
+    print(f"peak RSS: 6 s recording {short_peak:.0f} MB; capped at 600 s: 20 min {twenty_peak:.0f} MB, "
+          f"1 h {hour_peak:.0f} MB; the whole hour {whole_peak:.0f} MB")
+    assert (twenty_seconds, hour_seconds, whole_seconds) == (600.0, 600.0, 3600.0)
+    assert abs(hour_peak - twenty_peak) < 40                 # bounded: the length of the file does not count
+    assert hour_peak - short_peak < 200                      # 600 s of 16 kHz audio and its copies
+    assert whole_peak - hour_peak > 150                      # what the limit saves on an hour

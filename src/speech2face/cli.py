@@ -42,6 +42,7 @@ DEFAULT_DECODER = "models/face_decoder.pt"
 # "runs:/", "models:/", "file:///", "s3://"...: a scheme of two or more letters before ":/"
 # (one letter would be a Windows drive, which is a path).
 _URI = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]+:/")
+MODEL_URI_SCHEMES = ("runs:/", "models:/")
 
 
 def first_line(error: BaseException, limit: int = 300) -> str:
@@ -90,13 +91,16 @@ def quiet_mlflow() -> Iterator[None]:
 
 
 def resolve_model(location: str, stem: str, workdir: Path) -> Path:
-    """A local .pt path; MLflow URIs are downloaded into ``workdir`` first."""
+    """A local .pt path; MLflow URIs (runs:/, models:/ only) are downloaded into ``workdir`` first."""
     if not is_uri(location):
         return Path(location)
+    if not location.startswith(MODEL_URI_SCHEMES):
+        raise click.ClickException(f"{location}: expected a path, runs:/<run id>/... or models:/<name>/... "
+                                   f"(other URI schemes are refused)")
     from speech2face.core import tracking
 
     uri = tracking.tracking_uri()
-    absent = missing_sqlite_store(uri) if location.startswith(("runs:/", "models:/")) else None
+    absent = missing_sqlite_store(uri)
     if absent is not None:
         raise click.ClickException(f"cannot fetch {location}: no MLflow store at {absent} "
                                    f"(set MLFLOW_TRACKING_URI to the store that holds the run)")
@@ -206,7 +210,9 @@ def main() -> None:
 @click.option("--decoder", default=DEFAULT_DECODER, show_default=True, help="face decoder: path or MLflow URI")
 @click.option("--max-windows", default=8, show_default=True, type=click.IntRange(min=1),
               help="most spectrogram windows averaged for a long recording")
-def predict(voice: Path, output: Path, encoder: str, decoder: str, max_windows: int) -> None:
+@click.option("--max-seconds", default=600.0, show_default=True, type=click.FloatRange(min=0.1),
+              help="only this much of the recording is decoded and used (bounded memory)")
+def predict(voice: Path, output: Path, encoder: str, decoder: str, max_windows: int, max_seconds: float) -> None:
     """Write the face predicted from the voice in VOICE (any audio or video file)."""
     if not voice.is_file():
         raise click.ClickException(f"{voice}: no such file")
@@ -217,7 +223,8 @@ def predict(voice: Path, output: Path, encoder: str, decoder: str, max_windows: 
         decoder_path = resolve_model(decoder, "decoder", Path(workdir))
         voice_encoder, face_decoder, settings = load_models(encoder_path, decoder_path)
     try:
-        prediction = predict_face(voice, voice_encoder, face_decoder, settings, max_windows=max_windows)
+        prediction = predict_face(voice, voice_encoder, face_decoder, settings, max_windows=max_windows,
+                                  max_seconds=max_seconds)
     except VoiceError as error:
         raise click.ClickException(str(error)) from None
     write_png(prediction.image, output)

@@ -5,7 +5,8 @@ mono, cut into consecutive windows of the encoder's training length (``spectrogr
 6 s by default; a shorter recording is looped to fill one window, as in training), each window
 becomes a spectrogram with the training settings, and the encoder's features of the windows
 are averaged (up to ``max_windows`` evenly spread windows: one voice, one face). The decoder
-turns the mean feature into the face.
+turns the mean feature into the face. Only the first ``max_seconds`` (10 minutes by default)
+are decoded, so a recording of any length takes bounded memory.
 """
 
 from __future__ import annotations
@@ -21,6 +22,9 @@ from speech2face.data.audio import SpectrogramSettings, spectrogram_batch
 from speech2face.data.media import MediaError, decode_audio, probe
 from speech2face.models.face_decoder import FaceDecoder, to_uint8
 from speech2face.models.voice_encoder import VoiceEncoder
+
+
+MAX_SECONDS = 600.0
 
 
 class VoiceError(Speech2FaceError, ValueError):
@@ -43,9 +47,9 @@ def _ffmpeg_reason(error: MediaError, path: Path) -> str:
     return detail[len(prefix):] if detail.startswith(prefix) else detail
 
 
-def load_voice(path: str | Path, sample_rate: int) -> np.ndarray:
-    """float32 mono samples in [-1, 1) at ``sample_rate``; ``VoiceError`` with one line when
-    unusable. Decoded exactly as the extract stage decodes training clips (ffmpeg, first audio
+def load_voice(path: str | Path, sample_rate: int, max_seconds: float = MAX_SECONDS) -> np.ndarray:
+    """float32 mono samples in [-1, 1) at ``sample_rate`` of the first ``max_seconds`` of the
+    recording; ``VoiceError`` with one line when unusable. Decoded exactly as the extract stage decodes training clips (ffmpeg, first audio
     stream, ``ac=1`` = mean of the channels, ``ar`` = ffmpeg's default resampler), so a
     recording reaches the encoder as the training audio did."""
     path = Path(path)
@@ -58,14 +62,16 @@ def load_voice(path: str | Path, sample_rate: int) -> np.ndarray:
     if not info.has_audio:
         raise VoiceError(f"{path}: has no audio stream")
     try:
-        samples = decode_audio(path, sample_rate)
+        samples = decode_audio(path, sample_rate, max_seconds)
     except MediaError as error:
         raise VoiceError(f"{path}: audio cannot be decoded ({_ffmpeg_reason(error, path)})") from None
     if not len(samples):   # e.g. a valid header followed by corrupt frames
         raise VoiceError(f"{path}: no audio could be decoded (empty or corrupt audio stream)")
     if not np.any(samples):
         raise VoiceError(f"{path}: the audio is silent")
-    return samples.astype(np.float32) / 32768.0
+    voice = samples.astype(np.float32)
+    voice /= 32768.0   # in place: a long recording is not held twice
+    return voice
 
 
 def windows(samples: np.ndarray, n: int, max_windows: int) -> list[np.ndarray]:
@@ -79,8 +85,8 @@ def windows(samples: np.ndarray, n: int, max_windows: int) -> list[np.ndarray]:
 
 
 def predict_face(path: str | Path, encoder: VoiceEncoder, decoder: FaceDecoder,
-                 settings: SpectrogramSettings, max_windows: int = 8) -> Prediction:
-    samples = load_voice(path, settings.sample_rate)
+                 settings: SpectrogramSettings, max_windows: int = 8, max_seconds: float = MAX_SECONDS) -> Prediction:
+    samples = load_voice(path, settings.sample_rate, max_seconds)
     chunks = windows(samples, settings.n_samples, max_windows)
     spectrograms = torch.from_numpy(spectrogram_batch(chunks, settings))
     if spectrograms.shape[-2] != encoder.n_freq:

@@ -180,7 +180,7 @@ class MediaServer(ThreadingHTTPServer):
 @pytest.fixture()
 def media_server(test_video: Path):
     data = test_video.read_bytes()
-    server = MediaServer({f"vid{i}": data for i in range(8)})
+    server = MediaServer({**{f"vid{i}": data for i in range(8)}, "-dash0": data, "_under0": data})
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     yield server
@@ -394,7 +394,7 @@ def test_hostile_ids_are_rejected(tmp_path: Path, test_video: Path, monkeypatch)
     videos.mkdir()
     (videos / "good.mp4").symlink_to(test_video)
     (tmp_path / "evil.mp4").symlink_to(test_video)  # what '../evil' would reach
-    hostile = ["../evil", "a;touch x", "$(id)", "-rf", "/etc/passwd", "..", "a b", "`id`"]
+    hostile = ["../evil", "a;touch x", "$(id)", "/etc/passwd", "..", "a b", "`id`", "a" * 65]
     before = sorted(p.relative_to(tmp_path.parent) for p in tmp_path.parent.rglob("*"))
     m = _run(tmp_path, [f"{h},1.0,3.0,0.5,0.5" for h in hostile] + ["good,1.0,3.0,0.5,0.5"],
              "file://{root}/videos/{id}.mp4", allow_file_urls=True)
@@ -408,6 +408,24 @@ def test_hostile_ids_are_rejected(tmp_path: Path, test_video: Path, monkeypatch)
     top = {p.parts[1] if len(p.parts) > 1 else "" for p in created}
     assert top <= {"clips", "manifests", "rows.csv"}, created
     assert [p.name for p in (tmp_path / "clips").iterdir()] == ["good_00001000_00003000.mp4"]
+
+
+def test_real_ids_starting_with_a_dash_are_downloaded(media_server: MediaServer, tmp_path: Path) -> None:
+    """About 1 in 64 YouTube ids starts with '-': kept, fetched, and stored under a path that no
+    program can take for an option."""
+    m = _run(tmp_path, ["-dash0,1.0,4.0,0.5,0.5", "_under0,1.0,4.0,0.5,0.5"], media_server.template("v"))
+    assert list(m["status"]) == ["ok", "ok"], list(m["reason"])
+    assert media_server.requests("/v/-dash0.mp4")
+    clip = Path(m.loc[1, "path"])
+    assert clip.name == "-dash0_00001000_00004000.mp4" and clip.parent == tmp_path / "clips"
+    assert abs(probe(clip).duration - 3.0) < 0.15
+
+
+def test_segments_longer_than_max_seconds_are_not_fetched(media_server: MediaServer, tmp_path: Path) -> None:
+    m = _run(tmp_path, ["vid0,0.0,9.5,0.5,0.5", "vid1,1.0,4.0,0.5,0.5"], media_server.template("v"), max_seconds=5.0)
+    assert (m.loc[1, "status"], m.loc[1, "reason"]) == ("failed", "too_long: segment is 9.50 s, max_seconds is 5")
+    assert m.loc[2, "status"] == "ok"
+    assert media_server.requests("/v/vid0.mp4") == []   # refused before any request
 
 
 def test_file_urls(tmp_path: Path, test_video: Path) -> None:

@@ -140,3 +140,61 @@ def test_missing_streams_are_named(tmp_path: Path) -> None:
     with pytest.raises(MediaError) as error:
         decode_clip(sound, 3)
     assert error.value.reason == "no_video"
+
+
+class _CountingServer:
+    """A local HTTP server that counts the requests it gets (there must be none)."""
+
+    def __enter__(self):
+        import threading
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        counter = self.requests = []
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self):
+                counter.append(self.path)
+                self.send_response(404)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+            def log_message(self, *args):
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        return self
+
+    def __exit__(self, *exc):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def test_files_that_name_other_files_or_urls_are_refused(tmp_path: Path) -> None:
+    """Media from a CSV or the command line are read as local files of a media format: a
+    playlist or a concat script inside them cannot reach the network or another file."""
+    _ffmpeg("-f", "lavfi", "-i", "testsrc=size=160x120:rate=10:duration=2", "-f", "lavfi", "-i",
+            "sine=duration=2", "-c:v", "libx264", "-preset", "ultrafast", "-c:a", "aac", "-shortest",
+            "-f", "mpegts", str(tmp_path / "real.ts"))
+    assert decode_clip(tmp_path / "real.ts", 1)[1]   # the referenced file itself is fine
+    with _CountingServer() as server:
+        hostile = {
+            "network.m3u8": f"#EXTM3U\n#EXT-X-TARGETDURATION:2\n#EXTINF:2,\n{server.url}/seg.ts\n#EXT-X-ENDLIST\n",
+            "local.m3u8": "#EXTM3U\n#EXT-X-TARGETDURATION:2\n#EXTINF:2,\nreal.ts\n#EXT-X-ENDLIST\n",
+            "concat.mp4": "ffconcat version 1.0\nfile real.ts\n",    # the extension is no defence
+        }
+        for name, text in hostile.items():
+            path = tmp_path / name
+            path.write_text(text)
+            for read in (lambda p: decode_clip(p, 1), media.probe, media.decode_audio):
+                with pytest.raises(MediaError):
+                    read(path)
+        assert server.requests == []
+
+
+def test_a_path_that_starts_with_a_dash_is_a_file_not_an_option(tmp_path: Path, monkeypatch) -> None:
+    _ffmpeg("-f", "lavfi", "-i", "sine=duration=1", str(tmp_path / "-y.wav"))
+    monkeypatch.chdir(tmp_path)
+    assert abs(media.probe("-y.wav").duration - 1.0) < 0.05
+    assert len(media.decode_audio("-y.wav")) == 16000

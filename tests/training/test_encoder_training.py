@@ -96,3 +96,56 @@ def test_encoder_params_are_read_and_bad_values_are_one_line() -> None:
         with pytest.raises(ParamsError) as caught:
             read_config(section)
         assert message in str(caught.value) and "\n" not in str(caught.value), name
+
+
+KILLABLE_TRAINING = """
+import sys
+sys.path.insert(0, sys.argv[1])
+import torch
+from pathlib import Path
+from test_encoder_training import config, synthetic_pairs
+from speech2face.models.losses import EncoderLoss
+from speech2face.training.encoder import train_encoder
+pairs = synthetic_pairs()
+train_encoder(config(epochs=6), pairs.subset("train"), pairs.subset("val"), Path(sys.argv[2]),
+              EncoderLoss(lambda1=0.025, feature_l1_weight=1.0))
+"""
+
+
+def test_killed_mid_way_training_resumes_to_the_same_weights(tmp_path) -> None:
+    """kill -9 during epoch 2 or later: the rerun resumes from the last whole epoch (the
+    checkpoint is written atomically) and ends with the weights and history of an
+    uninterrupted run, bit for bit."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    pairs = synthetic_pairs()
+    loss = EncoderLoss(lambda1=0.025, feature_l1_weight=1.0)
+    model, history = train_encoder(config(epochs=6), pairs.subset("train"), pairs.subset("val"),
+                                   tmp_path / "reference" / "last.pt", loss)
+
+    checkpoint = tmp_path / "killed" / "last.pt"
+    checkpoint.parent.mkdir()
+    job = subprocess.Popen([sys.executable, "-c", KILLABLE_TRAINING, str(Path(__file__).parent), str(checkpoint)],
+                           start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and job.poll() is None and not checkpoint.exists():
+        time.sleep(0.005)
+    time.sleep(0.3)   # into the next epoch
+    os.killpg(job.pid, signal.SIGKILL)
+    job.wait()
+    assert job.returncode == -signal.SIGKILL, "training finished before it could be killed"
+    done = torch.load(checkpoint, weights_only=True)["epoch"].item()
+    assert 1 <= done < 6
+
+    resumed, resumed_history = train_encoder(config(epochs=6), pairs.subset("train"), pairs.subset("val"),
+                                             checkpoint, loss)
+    assert len(resumed_history) == 6
+    assert not [p.name for p in checkpoint.parent.iterdir() if p.name.startswith(".tmp-")]
+    assert [{k: v for k, v in h.items() if "seconds" not in k} for h in resumed_history] == \
+           [{k: v for k, v in h.items() if "seconds" not in k} for h in history]
+    assert all(torch.equal(v, resumed.state_dict()[k]) for k, v in model.state_dict().items())

@@ -13,11 +13,14 @@ from typing import Iterator
 
 # Ids become file names: letters, digits, '-' and '_' only (YouTube ids use exactly these),
 # so no id can climb out of its folder ('..', '/'), hide ('.x') or mean anything to a shell.
-_SAFE_ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+# A leading '-' is allowed: about 1 in 64 real YouTube ids starts with one. Ids only ever
+# appear inside a URL or a path that starts with its folder, never as a bare argument, so
+# no program can read one as an option.
+_SAFE_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
 
 
 def is_safe_id(value: str) -> bool:
-    return bool(_SAFE_ID.match(value)) and not value.startswith("-")
+    return _SAFE_ID.fullmatch(value) is not None
 
 
 @contextlib.contextmanager

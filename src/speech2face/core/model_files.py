@@ -44,16 +44,25 @@ def read_meta(path: str | Path) -> dict:
     return json.loads(meta_path.read_text()) if meta_path.exists() else {}
 
 
+MAX_META_BYTES = 1 << 20
+
+
 def load_model(path: str | Path, build: Callable[[dict], Module], what: str, stage: str,
-               device: str | torch.device = "cpu") -> Module:
+               device: str | torch.device = "cpu", limits: dict[str, tuple[float, float]] | None = None) -> Module:
     """``build(meta)`` the module, load the weights into it; ``what`` ("face decoder") and
-    ``stage`` (the DVC stage that trains it) word the errors."""
+    ``stage`` (the DVC stage that trains it) word the errors. ``limits``: {key: (lowest,
+    highest)} of the sizes in the JSON, checked before anything is built, so a hostile JSON
+    cannot make the module allocate without bound."""
     path = Path(path)
     meta_path = path.with_suffix(".json")
     if not path.exists() or not meta_path.exists():
         raise ModelFileMissing(f"{what} {path} (and {meta_path.name}) not found: train it with `dvc repro {stage}`")
+    if meta_path.stat().st_size > MAX_META_BYTES:
+        raise ModelFileError(f"{what} settings {meta_path} are unusable: larger than {MAX_META_BYTES} bytes")
     try:
-        model = build(json.loads(meta_path.read_text()))
+        meta = json.loads(meta_path.read_text())
+        check_limits(meta, limits or {})
+        model = build(meta)
     except (ValueError, KeyError, TypeError) as error:   # JSONDecodeError is a ValueError
         raise ModelFileError(f"{what} settings {meta_path} are unusable: {first_line(error)}") from None
     try:
@@ -65,6 +74,16 @@ def load_model(path: str | Path, build: Callable[[dict], Module], what: str, sta
     except (RuntimeError, KeyError, TypeError, AttributeError) as error:   # TypeError/AttributeError: not a dict
         raise ModelFileError(f"{what} {path} does not match {meta_path.name}: {first_line(error)}") from None
     return model.to(device).eval()
+
+
+def check_limits(meta: dict, limits: dict[str, tuple[float, float]]) -> None:
+    """ValueError unless every ``limits`` key of ``meta`` is a number within its bounds."""
+    if not isinstance(meta, dict):
+        raise ValueError("expected a JSON object")
+    for key, (lowest, highest) in limits.items():
+        value = meta.get(key)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not lowest <= value <= highest:
+            raise ValueError(f"{key} = {value!r}: expected a number from {lowest:g} to {highest:g}")
 
 
 def first_line(error: BaseException) -> str:

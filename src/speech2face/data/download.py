@@ -52,7 +52,7 @@ from speech2face.core.tables import FAILED, OK, SKIPPED, write_table
 from speech2face.data.avspeech import BadRow, ClipRow, read_csv
 from speech2face.data.download_errors import (DownloadFailure, availability, availability_lines, classify_error,
                                               reason_code, short_message)
-from speech2face.data.media import MediaError, probe
+from speech2face.data.media import INPUT_OPTIONS, MediaError, local_input, probe
 
 # H.264/AAC in MP4 where the site offers it (no slow VP9 re-encode at the cuts), at most 720p
 # (faces are cropped to 224 px later), else whatever single file the site has.
@@ -273,7 +273,8 @@ def cut_segment(source: Path, start: float, end: float, out: Path, timeout: floa
     """Exact cut by re-encoding to MP4 (H.264 + AAC); raises DownloadFailure on an ffmpeg error."""
     cmd = [
         "ffmpeg", "-nostdin", "-hide_banner", "-loglevel", "error", "-y",
-        "-ss", f"{start:.3f}", "-i", str(source), "-t", f"{end - start:.3f}",
+        *(arg for name, value in INPUT_OPTIONS.items() for arg in (f"-{name}", value)),   # local files only
+        "-ss", f"{start:.3f}", "-i", local_input(source), "-t", f"{end - start:.3f}",
         "-map", "0:v:0?", "-map", "0:a:0?", "-sn", "-dn",
         *CLIP_ENCODING, "-f", "mp4", str(out),
     ]
@@ -425,12 +426,14 @@ def run_download(csv_path: str | Path, out_dir: str | Path, manifest_path: str |
                  root: str | Path, allow_file_urls: bool, limit: int | None, workers: int, retries: int,
                  backoff_seconds: float, timeout_seconds: float, min_seconds: float,
                  format_selector: str = DEFAULT_FORMAT, cookies: str | Path | None = None,
-                 sleep_seconds: float = 0.0) -> pd.DataFrame:
+                 sleep_seconds: float = 0.0, max_seconds: float = 60.0) -> pd.DataFrame:
     """Download every row's segment; writes the manifest (``MANIFEST_COLUMNS``, one row per CSV
-    row) and returns it with this run's ``RUN_COLUMNS`` added.
+    row) and returns it with this run's ``RUN_COLUMNS`` added. No row can stop it: each ends
+    in the manifest with a status and a reason, even an unforeseen error (``internal_error``).
 
     ``cookies``: a Netscape cookies.txt sent with every request (YouTube's bot check, age gate);
-    ``sleep_seconds``: each worker's pause before a download and between extraction requests.
+    ``sleep_seconds``: each worker's pause before a download and between extraction requests;
+    ``max_seconds``: longer segments are not downloaded (``too_long``).
     """
     summary = StageSummary("download")
     out_dir, manifest_path = Path(out_dir), Path(manifest_path)
@@ -452,6 +455,9 @@ def run_download(csv_path: str | Path, out_dir: str | Path, manifest_path: str |
         elif row.clip_id in first_line:
             records[i] = _row_record(row, build_url(url_template, row.youtube_id, root), Outcome(
                 SKIPPED, f"duplicate_segment: same segment as line {first_line[row.clip_id]}"), url_template)
+        elif row.duration > max_seconds:
+            records[i] = _row_record(row, build_url(url_template, row.youtube_id, root), Outcome(
+                FAILED, f"too_long: segment is {row.duration:.2f} s, max_seconds is {max_seconds:g}"), url_template)
         else:
             first_line[row.clip_id] = row.line
             todo.append((i, row, build_url(url_template, row.youtube_id, root)))
@@ -468,7 +474,12 @@ def run_download(csv_path: str | Path, out_dir: str | Path, manifest_path: str |
         try:
             for future in as_completed(futures):
                 i, row, url = futures[future]
-                records[i] = _row_record(row, url, future.result(), url_template)
+                try:
+                    outcome = future.result()
+                except Exception as error:  # noqa: BLE001 - a bug for one row is that row's failure
+                    detail = (str(error).strip().splitlines() or [""])[0][:160]
+                    outcome = Outcome(FAILED, f"internal_error: {type(error).__name__}: {detail}")
+                records[i] = _row_record(row, url, outcome, url_template)
                 bar.update(1)
         except BaseException:  # Ctrl-C: no queued download starts, no retry follows
             stop.set()
@@ -514,12 +525,15 @@ class DownloadConfig:
     backoff_seconds: float = setting(1.0, minimum=0.0, maximum=600.0)   # first retry delay, doubled each time
     timeout_seconds: float = setting(30.0, minimum=0.1)     # socket timeout per request
     min_seconds: float = setting(1.0, minimum=0.0)          # shorter segments are recorded as too_short
+    max_seconds: float = setting(60.0, above=0.0)           # longer segments are recorded as too_long
     format: str = setting(DEFAULT_FORMAT)                   # yt-dlp format selector
     cookies: str | None = setting(None, expected="null or the path of a cookies.txt file")
     sleep_seconds: float = setting(0.0, minimum=0.0, maximum=600.0)     # each worker's pause per request
 
     def check(self) -> None:
         check(Path(self.csv).is_file(), self.SECTION, "csv", self.csv, "an existing CSV file")
+        check(self.max_seconds >= self.min_seconds, self.SECTION, "max_seconds", self.max_seconds,
+              f"a number >= min_seconds ({self.min_seconds:g})")
         check("{id}" in self.url_template and self.url_template.lower().startswith(URL_SCHEMES), self.SECTION,
               "url_template", self.url_template, "a URL with {id} starting with http://, https:// or file://")
         if self.cookies is not None:
@@ -538,4 +552,4 @@ def download_stage(config: DownloadConfig, out_dir: str | Path, manifest_path: s
     return run_download(config.csv, out_dir, manifest_path, config.url_template, root, config.allow_file_urls,
                         config.limit, config.workers, config.retries, config.backoff_seconds,
                         config.timeout_seconds, config.min_seconds, config.format, cookies=cookies,
-                        sleep_seconds=config.sleep_seconds)
+                        sleep_seconds=config.sleep_seconds, max_seconds=config.max_seconds)

@@ -5,8 +5,12 @@
 - ``probe`` and ``decode_audio`` (the download stage, ``speech2face predict``: one file at
   a time, where 0.1 s more does not matter): the ffprobe/ffmpeg programs via ffmpeg-python.
 
-Any container and codec that FFmpeg reads works (FLV/VP6/MP3 included). Every failure
-comes back as a ``MediaError`` with a short reason for the manifest.
+Any codec FFmpeg decodes, in the containers a recording or a video comes in
+(``MEDIA_FORMATS``: MP4/MOV, Matroska/WebM, FLV, AVI, MPEG-TS, MP3, WAV, FLAC, Ogg, ...).
+Media come from a CSV or the command line, so FFmpeg reads them as local files only
+(``INPUT_OPTIONS``): no network protocol, not even for a playlist inside a file, and no
+playlist or concat formats, which would let a file name other files. Every failure comes
+back as a ``MediaError`` with a short reason for the manifest.
 """
 
 from __future__ import annotations
@@ -19,6 +23,18 @@ import ffmpeg
 import numpy as np
 
 from speech2face.core.errors import Speech2FaceError
+
+# FFmpeg demuxer names (a demuxer whose name list contains one of these is allowed).
+MEDIA_FORMATS = ("mov", "matroska", "flv", "avi", "mpegts", "mpeg", "asf", "mp3", "wav", "w64", "flac", "ogg",
+                 "aac", "aiff", "caf", "amr")
+INPUT_OPTIONS = {"protocol_whitelist": "file", "format_whitelist": ",".join(MEDIA_FORMATS)}
+
+
+def local_input(path: str | Path) -> str:
+    """The path as FFmpeg's input: a relative name starting with '-' gets './' so that no
+    program reads it as an option."""
+    text = str(path)
+    return "./" + text if text.startswith("-") else text
 
 
 class MediaError(Speech2FaceError):
@@ -47,7 +63,7 @@ def _ffmpeg_message(error: ffmpeg.Error) -> str:
 
 def probe(path: str | Path) -> ProbeInfo:
     try:
-        info = ffmpeg.probe(str(path))
+        info = ffmpeg.probe(local_input(path), **INPUT_OPTIONS)
     except ffmpeg.Error as error:
         raise MediaError("undecodable", _ffmpeg_message(error)) from None
     streams = info.get("streams", [])
@@ -76,12 +92,14 @@ def scaled_size(width: int, height: int, max_side: int) -> tuple[int, int]:
     return max(2, int(round(width * scale / 2)) * 2), max(2, int(round(height * scale / 2)) * 2)
 
 
-def decode_audio(path: str | Path, sample_rate: int = 16000) -> np.ndarray:
-    """Mono int16 at ``sample_rate`` from the first audio stream of any file ffmpeg reads."""
+def decode_audio(path: str | Path, sample_rate: int = 16000, max_seconds: float | None = None) -> np.ndarray:
+    """Mono int16 at ``sample_rate`` from the first audio stream of any file ffmpeg reads;
+    only its first ``max_seconds`` when given (ffmpeg stops decoding there)."""
+    limit = {"t": f"{max_seconds:g}"} if max_seconds is not None else {}
     try:
         out, _ = (
-            ffmpeg.input(str(path))
-            .output("pipe:", map="0:a:0", ac=1, ar=sample_rate, format="s16le", acodec="pcm_s16le")
+            ffmpeg.input(local_input(path), **INPUT_OPTIONS)
+            .output("pipe:", map="0:a:0", ac=1, ar=sample_rate, format="s16le", acodec="pcm_s16le", **limit)
             .run(capture_stdout=True, capture_stderr=True)
         )
     except ffmpeg.Error as error:
@@ -156,7 +174,7 @@ def decode_clip(path: str | Path, n_frames: int, sample_rate: int = 16000,
     stops once the frames are chosen; audio runs to the end.
     """
     try:
-        container = av.open(str(path))
+        container = av.open(local_input(path), options=dict(INPUT_OPTIONS))
     except (av.FFmpegError, UnicodeDecodeError) as error:
         raise MediaError("undecodable", _av_message(error)) from None
     with container:

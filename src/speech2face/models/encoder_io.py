@@ -11,6 +11,11 @@ from speech2face.core.model_files import load_model, read_meta, save_model
 from speech2face.models.voice_encoder import VoiceEncoder
 
 
+# Bounds of the sizes a model JSON may ask for (the paper's encoder: 4096-D out, width 1,
+# 257 frequencies): a hostile file cannot make the loader allocate gigabytes.
+SIZE_LIMITS = {"out_dim": (1, 8192), "width": (1e-3, 2.0), "n_freq": (2, 2049)}
+
+
 def save_encoder(model: VoiceEncoder, path: Path, width: float, spectrogram: dict | None = None) -> None:
     """``spectrogram``: the settings of the spectrograms it was trained on (``predict`` computes
     its input with them)."""
@@ -27,4 +32,4 @@ def load_encoder(path: str | Path, device: str | torch.device = "cpu") -> VoiceE
     return load_model(path, lambda meta: VoiceEncoder(out_dim=meta["out_dim"], width=meta["width"],
                                                       n_freq=meta["n_freq"],
                                                       input_mode=meta.get("input_mode", "complex")),
-                      "voice encoder", "train_encoder", device)
+                      "voice encoder", "train_encoder", device, limits=SIZE_LIMITS)

@@ -132,12 +132,16 @@ def save_decoder(model: FaceDecoder, path: Path) -> None:
     save_model(model, path, {"in_dim": model.in_dim, "width": model.width, "image_size": model.image_size})
 
 
+# Bounds of the sizes a model JSON may ask for (Cole et al.'s decoder: width 1, 4096-D in).
+SIZE_LIMITS = {"in_dim": (1, 8192), "width": (1e-3, 2.0), "image_size": (224, 224)}
+
+
 def load_decoder(path: str | Path, device: str | torch.device = "cpu") -> FaceDecoder:
     """``DecoderError`` (one line) when the files are missing or unusable."""
     try:
         return load_model(path, lambda meta: FaceDecoder(in_dim=meta["in_dim"], width=meta["width"],
                                                          image_size=meta["image_size"]),
-                          "face decoder", "train_decoder", device)
+                          "face decoder", "train_decoder", device, limits=SIZE_LIMITS)
     except ModelFileError as error:
         raise DecoderError(str(error)) from None
 

@@ -30,7 +30,7 @@ import torch
 import torch.distributed as dist
 
 from speech2face.core.errors import Speech2FaceError
-from speech2face.core.fsutil import save_torch
+from speech2face.core.fsutil import remove_stale_temps, save_torch
 from speech2face.core.params import check, setting
 
 
@@ -137,6 +137,8 @@ class TrainingLoop:
         self.best_path = self.checkpoint.with_name("best.pt")
         self.optimizer, self.schedule = make_optimizer(model, config)
         self.start_epoch, self.step, self.history = 0, 0, []
+        if is_main:   # a checkpoint half written when a run was killed
+            remove_stale_temps(self.checkpoint.parent)
         if self.checkpoint.exists():
             self.start_epoch, self.step, self.history = load_checkpoint(self.checkpoint, model, self.optimizer,
                                                                         self.schedule)
