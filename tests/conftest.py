@@ -15,3 +15,26 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+def _dlib_descriptor(image, landmarks):
+    """dlib's own C++ descriptor (float64) of ``image`` from the given 68 landmarks, rounded
+    to the integer points dlib keeps; the face box is the whole image."""
+    import dlib
+    import numpy as np
+
+    from speech2face.models.dlib.weights import load_dlib_model
+
+    points = dlib.points()
+    for x, y in landmarks:
+        points.append(dlib.point(int(round(float(x))), int(round(float(y)))))
+    height, width = image.shape[:2]
+    shape = dlib.full_object_detection(dlib.rectangle(0, 0, width - 1, height - 1), points)
+    return np.asarray(load_dlib_model("resnet128").compute_face_descriptor(image, shape), np.float64)
+
+
+@pytest.fixture(scope="session")
+def dlib_descriptor():
+    """The reference embedding tests compare the torch replica and the backends with."""
+    pytest.importorskip("dlib")
+    return _dlib_descriptor

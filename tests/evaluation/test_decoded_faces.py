@@ -68,19 +68,6 @@ def grey_image() -> np.ndarray:
     return np.full((SIZE, SIZE, 3), 128, np.uint8)
 
 
-def dlib_descriptor(image: np.ndarray, landmarks: np.ndarray) -> np.ndarray:
-    """dlib's C++ descriptor of ``image`` from given landmarks (integer points, as dlib keeps them)."""
-    import dlib
-
-    from speech2face.models.dlib.weights import load_dlib_model
-
-    points = dlib.points()
-    for x, y in landmarks:
-        points.append(dlib.point(int(round(float(x))), int(round(float(y)))))
-    shape = dlib.full_object_detection(dlib.rectangle(0, 0, SIZE - 1, SIZE - 1), points)
-    return np.asarray(load_dlib_model("resnet128").compute_face_descriptor(image, shape), np.float32)
-
-
 # ------------------------------------------------------------- hand-made vectors
 
 
@@ -150,7 +137,7 @@ def test_reembedding_a_real_crop_finds_the_face_and_its_identity(real_faces, ana
 
 
 @needs_media
-def test_reembedding_a_faceless_image_uses_the_fallback_landmarks(real_faces, analyzer, backend) -> None:
+def test_reembedding_a_faceless_image_uses_the_fallback_landmarks(real_faces, analyzer, backend, dlib_descriptor) -> None:
     """A flat grey image: no face detected, the given landmarks stand in; the feature is
     finite and is exactly dlib's descriptor of the grey image from those landmarks."""
     fallback = real_faces["collins"]["landmarks"]

@@ -244,20 +244,7 @@ def test_texture_and_landmark_terms_match_numpy() -> None:
     assert float(terms["total"]) == pytest.approx(2.5 * texture_l1 + 40.0 * landmark_mse, rel=1e-6)
 
 
-def dlib_descriptor(crop: np.ndarray, landmarks: np.ndarray) -> np.ndarray:
-    """dlib's own C++ embedding of an aligned crop from its landmarks (rounded, as dlib stores them)."""
-    import dlib
-
-    from speech2face.models.dlib.weights import load_dlib_model
-
-    points = dlib.points()
-    for x, y in landmarks:
-        points.append(dlib.point(int(round(float(x))), int(round(float(y)))))
-    shape = dlib.full_object_detection(dlib.rectangle(0, 0, SIZE - 1, SIZE - 1), points)
-    return np.asarray(load_dlib_model("resnet128").compute_face_descriptor(crop, shape), np.float64)
-
-
-def test_identity_term_is_one_minus_cosine_of_the_dlib_embedding(photo_faces, identity_net) -> None:
+def test_identity_term_is_one_minus_cosine_of_the_dlib_embedding(photo_faces, identity_net, dlib_descriptor) -> None:
     """A perfectly decoded face (the real aligned crop, its true landmarks) against its own
     photo's dlib feature: an identity loss near 0 (measured 0.0005-0.0008 on these faces);
     against another photo of the same person ~0.04, another person ~0.15-0.19. The value is
