@@ -54,13 +54,21 @@ class WorkerPool:
             return
         if self._pool is None:
             self._pool = self._new_pool(self.workers)
-        futures = [self._pool.submit(fn, *args) for args in calls]
-        for args, future in zip(calls, futures):
+        futures = []
+        for args in calls:
             try:
-                yield future.result()
-            except BrokenProcessPool:
-                self.close()   # every unanswered call failed with it; the next map gets a new pool
-                yield self._isolated(fn, args, on_crash)
+                futures.append(self._pool.submit(fn, *args))
+            except BrokenProcessPool:   # an early call crashed while the later ones were being queued
+                break
+        for i, args in enumerate(calls):
+            if i < len(futures):
+                try:
+                    yield futures[i].result()
+                    continue
+                except BrokenProcessPool:
+                    pass
+            self.close()   # every unanswered call failed with the pool; the next map gets a new one
+            yield self._isolated(fn, args, on_crash)
 
     def _isolated(self, fn: Callable, args: tuple, on_crash: Callable[..., Any]) -> Any:
         pool = self._new_pool(1)
