@@ -1,32 +1,16 @@
-"""Download stage with real yt-dlp and real ffmpeg against a local HTTP server and file:// URLs.
-
-The server (127.0.0.1, random port) logs every request, answers Range requests, and can
-misbehave on purpose, chosen by the first path segment:
-  /v/<id>.mp4         normal
-  /slow/<id>.mp4      throttled body
-  /drop-<k>/<id>.mp4  during the first k attempts, every Range read is cut off after a fifth of its body (RST)
-  /err503-<k>/<id>.mp4  the first k attempts get HTTP 503
-  /err429-<k>/<id>.mp4  the first k attempts get HTTP 429 (a rate limit)
-  /stall-<k>/<id>.mp4   during the first k attempts, Range reads get no answer for 5 s
-An "attempt" is counted from the log: yt-dlp's generic extractor opens each attempt with one
-GET without a Range header; ffmpeg's and ffprobe's reads always carry one.
-"""
+"""Download stage with real yt-dlp and real ffmpeg against a local HTTP server (media_server.py,
+its behaviours and how it counts requests) and file:// URLs."""
 
 from __future__ import annotations
 
 import contextlib
 import hashlib
 import os
-import re
 import shutil
 import signal
-import socket
-import struct
 import subprocess
 import sys
-import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import numpy as np
@@ -34,180 +18,21 @@ import pandas as pd
 import pytest
 import yaml
 import yt_dlp
+from media_server import FPS, SIZE, MediaServer, run_table, write_csv
 from yt_dlp.extractor.youtube import YoutubeIE
 
-from speech2face.data.download import DownloadConfig, read_cookies, run_download
-from speech2face.data.download_errors import availability, availability_lines, classify_error
-from speech2face.data.media import probe
 from speech2face.core.params import ParamsError, build_config
 from speech2face.core.tables import read_table, write_table
+from speech2face.data.download import DownloadConfig, read_cookies
+from speech2face.data.download_errors import availability, availability_lines, classify_error
+from speech2face.data.media import probe
 
 ROOT = Path(__file__).resolve().parents[2]
 STAGE = ROOT / "stages" / "download.py"
 CREMAD = ROOT.parent / "shared" / "media" / "av" / "cremad"
-FPS = 25
-SIZE = (160, 120)
-
-
-
-
-# --------------------------------------------------------------------------- fixtures
-
-@pytest.fixture(scope="module")
-def test_video(tmp_path_factory) -> Path:
-    """10 s of video whose frames carry their own number + a sine, H.264 with a keyframe every
-    2 s, so a cut that snapped to a keyframe would start at 0, 2, 4... s and be caught.
-
-    Frame N is two flat grey halves, luma 16 * (N mod 16) + 8 on the left and
-    16 * (N // 16) + 8 on the right: lossy re-encoding moves a level by a few units, never
-    by 8, so every frame of a clip reads back as exactly one source frame number."""
-    path = tmp_path_factory.mktemp("video") / "video.mp4"
-    numbered = (f"nullsrc=size={SIZE[0]}x{SIZE[1]}:rate={FPS}:duration=10,"
-                f"geq=lum='if(lt(X,{SIZE[0] // 2}),16*mod(N,16)+8,16*floor(N/16)+8)':cb=128:cr=128")
-    subprocess.run(["ffmpeg", "-v", "error", "-y",
-                    "-f", "lavfi", "-i", numbered,
-                    "-f", "lavfi", "-i", "sine=frequency=440:sample_rate=44100:duration=10",
-                    "-c:v", "libx264", "-preset", "ultrafast", "-g", str(2 * FPS), "-pix_fmt", "yuv420p",
-                    "-c:a", "aac", "-b:a", "64k", "-movflags", "+faststart", "-shortest", str(path)],
-                   check=True)
-    return path
-
-
-class _Handler(BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"
-    server: "MediaServer"
-
-    def log_message(self, *args) -> None:  # keep pytest's output clean
-        pass
-
-    def do_HEAD(self) -> None:
-        self._serve(body=False)
-
-    def do_GET(self) -> None:
-        self._serve(body=True)
-
-    def _serve(self, body: bool) -> None:
-        parts = self.path.split("?")[0].strip("/").split("/")
-        mode, name = (parts[0], parts[-1]) if len(parts) == 2 else ("", "")
-        has_range = self.headers.get("Range") is not None
-        attempt = self.server.record(self.command, self.path, has_range)
-        self.server.cookies.append((self.path, has_range, self.headers.get("Cookie")))
-        data = self.server.videos.get(name[:-4]) if name.endswith(".mp4") else None
-        if data is None or not re.fullmatch(r"v|slow|(drop|err503|err429|stall)-\d+", mode):
-            return self._empty(404)
-        if mode.startswith("stall-") and has_range and attempt <= int(mode.split("-")[1]):
-            time.sleep(5)
-            return self._empty(503)
-        for status in (503, 429):
-            if mode.startswith(f"err{status}-") and not has_range and attempt <= int(mode.split("-")[1]):
-                return self._empty(status)
-        start, end = 0, len(data) - 1
-        if has_range:
-            match = re.fullmatch(r"bytes=(\d*)-(\d*)", self.headers["Range"].strip())
-            if match and match.group(1):
-                start = int(match.group(1))
-                end = min(int(match.group(2)), end) if match.group(2) else end
-            if start >= len(data):
-                self.send_response(416)
-                self.send_header("Content-Range", f"bytes */{len(data)}")
-                self.send_header("Content-Length", "0")
-                self.end_headers()
-                return
-            self.send_response(206)
-            self.send_header("Content-Range", f"bytes {start}-{end}/{len(data)}")
-        else:
-            self.send_response(200)
-        self.send_header("Content-Type", "video/mp4")
-        self.send_header("Accept-Ranges", "bytes")
-        self.send_header("Content-Length", str(end - start + 1))
-        self.end_headers()
-        if not body:
-            return
-        chunk = data[start:end + 1]
-        try:
-            if mode.startswith("drop-") and has_range and attempt <= int(mode.split("-")[1]):
-                self.wfile.write(chunk[: len(chunk) // 5])  # the moov atom (at the front) and ~2 s of media
-                self.wfile.flush()
-                self.server.record("DROPPED", self.path, has_range)
-                # SO_LINGER 0: close with a TCP reset, like a peer that went away
-                self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-                self.connection.close()
-                self.close_connection = True
-            elif mode == "slow":
-                for i in range(0, len(chunk), 8192):  # ~400 kB/s: a clip takes a few tenths of a second
-                    self.wfile.write(chunk[i:i + 8192])
-                    time.sleep(0.02)
-            else:
-                self.wfile.write(chunk)
-        except OSError:  # the client went away (killed, or done reading)
-            self.close_connection = True
-
-    def _empty(self, status: int) -> None:
-        self.send_response(status)
-        self.send_header("Content-Length", "0")
-        self.end_headers()
-
-
-class MediaServer(ThreadingHTTPServer):
-    daemon_threads = True
-
-    def __init__(self, videos: dict[str, bytes]):
-        super().__init__(("127.0.0.1", 0), _Handler)
-        self.videos = videos
-        self.log: list[tuple[float, str, str, bool]] = []  # (time, method, path, has Range)
-        self.cookies: list[tuple[str, bool, str | None]] = []  # (path, has Range, Cookie header)
-        self._lock = threading.Lock()
-
-    def record(self, method: str, path: str, has_range: bool) -> int:
-        """Log a request; returns the attempt number it belongs to (see the module doc)."""
-        with self._lock:
-            self.log.append((time.monotonic(), method, path, has_range))
-            return self.attempts(path)
-
-    def attempts(self, path: str) -> int:
-        return sum(1 for _, method, p, has_range in self.log if p == path and method == "GET" and not has_range)
-
-    def requests(self, path: str) -> list[tuple[float, str, str, bool]]:
-        return [entry for entry in self.log if entry[2] == path]
-
-    def template(self, mode: str) -> str:
-        return f"http://127.0.0.1:{self.server_address[1]}/{mode}/{{id}}.mp4"
-
-    def handle_error(self, request, client_address) -> None:  # dropped sockets are on purpose
-        pass
-
-
-@pytest.fixture()
-def media_server(test_video: Path):
-    data = test_video.read_bytes()
-    server = MediaServer({**{f"vid{i}": data for i in range(8)}, "-dash0": data, "_under0": data})
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield server
-    server.shutdown()
-    server.server_close()
 
 
 # --------------------------------------------------------------------------- helpers
-
-def _write_csv(path: Path, lines: list[str]) -> Path:
-    path.write_text("".join(line + "\n" for line in lines))
-    return path
-
-
-def _run(tmp_path: Path, csv_lines: list[str], url_template: str, **overrides):
-    args = dict(csv_path=_write_csv(tmp_path / "rows.csv", csv_lines), out_dir=tmp_path / "clips",
-                manifest_path=tmp_path / "manifests" / "download.csv", url_template=url_template,
-                root=tmp_path, allow_file_urls=False, limit=None, workers=2, retries=2,
-                backoff_seconds=0.05, timeout_seconds=5.0, min_seconds=1.0)
-    args.update(overrides)
-    manifest = run_download(**args)
-    written = read_table(args["manifest_path"])
-    assert list(written.columns[:12]) == ["line", "youtube_id", "start", "end", "x", "y", "clip_id", "url",
-                                          "status", "reason", "duration", "path"]
-    assert list(written["status"]) == list(manifest["status"]) and list(written["reason"]) == list(manifest["reason"])
-    return manifest.set_index("line", drop=False)
-
 
 def _frame_numbers(path: Path) -> list[int]:
     """The source frame number of every decoded frame of a clip of ``test_video``, read from
@@ -245,7 +70,7 @@ def _final_clips(folder: Path) -> dict[str, Path]:
 # --------------------------------------------------------------------------- tests
 
 def test_http_section_cut_is_exact(media_server: MediaServer, test_video: Path, tmp_path: Path) -> None:
-    m = _run(tmp_path, ["vid0,1.6,5.0,0.5,0.5",     # inside: cut exactly
+    m = run_table(tmp_path, ["vid0,1.6,5.0,0.5,0.5",     # inside: cut exactly
                         "vid1,12.0,14.0,0.5,0.5",   # starts after the 10 s video ends
                         "vid2,8.0,11.0,0.5,0.5",    # runs past the end
                         "vid3,2.0,2.6,0.5,0.5"],    # shorter than min_seconds
@@ -286,7 +111,7 @@ def test_clips_and_manifest_are_byte_identical_across_runs(media_server: MediaSe
                                                 [("file://{root}/videos/{id}.mp4", True)] * 2):
         folder = tmp_path / f"run{run}"
         folder.mkdir()
-        m = _run(folder, rows, template, root=tmp_path, allow_file_urls=file_urls)
+        m = run_table(folder, rows, template, root=tmp_path, allow_file_urls=file_urls)
         assert list(m["status"]) == ["ok", "ok", "failed"]
         # the failure's message names no random temp folder (the file:// path cuts in one)
         assert ".tmp-" not in m.loc[3, "reason"], m.loc[3, "reason"]
@@ -297,7 +122,7 @@ def test_clips_and_manifest_are_byte_identical_across_runs(media_server: MediaSe
 
 
 def test_404_is_permanent_and_not_retried(media_server: MediaServer, tmp_path: Path) -> None:
-    m = _run(tmp_path, ["missing,1.0,3.0,0.5,0.5"], media_server.template("v"), retries=3)
+    m = run_table(tmp_path, ["missing,1.0,3.0,0.5,0.5"], media_server.template("v"), retries=3)
     row = m.loc[1]
     assert row.status == "failed" and row.attempts == 1
     assert row.reason.startswith("http_404: ") and "404" in row.reason[len("http_404: "):]
@@ -315,33 +140,36 @@ def test_transient_errors_are_retried_with_backoff(media_server: MediaServer, tm
                        ("stall-1", "vid3,1.0,4.5,0.5,0.5")):   # no answer, once
         folder = tmp_path / mode
         folder.mkdir()
-        results[mode] = _run(folder, [line], f"http://127.0.0.1:{port}/{mode}/{{id}}.mp4",
+        results[mode] = run_table(folder, [line], f"http://127.0.0.1:{port}/{mode}/{{id}}.mp4",
                              retries=2, backoff_seconds=0.2, timeout_seconds=1.0).loc[1]
 
+    # A retry downloads the segment again from the video's one resolution: one metadata request
     ok = results["drop-1"]
     assert (ok.status, ok.attempts) == ("ok", 2) and abs(probe(Path(ok.path)).duration - 3.5) < 0.15
     log = media_server.requests("/drop-1/vid0.mp4")
-    assert media_server.attempts("/drop-1/vid0.mp4") == 2 and any(entry[1] == "DROPPED" for entry in log)
+    assert media_server.attempts("/drop-1/vid0.mp4") == 1 and any(entry[1] == "DROPPED" for entry in log)
 
     dead = results["drop-99"]
     path = "/drop-99/vid1.mp4"
-    assert dead.status == "failed" and dead.attempts == 3 and media_server.attempts(path) == 3
+    assert dead.status == "failed" and dead.attempts == 3 and media_server.attempts(path) == 1
     assert dead.reason.split(":")[0] in ("incomplete_clip", "ffmpeg_failed") and "(after 3 attempts)" in dead.reason
-    starts = [t for t, method, _, has_range in media_server.requests(path) if method == "GET" and not has_range]
-    assert starts[1] - starts[0] >= 0.2 and starts[2] - starts[1] >= 0.4  # 0.2 s, then doubled
+    # three downloads (and one ffprobe of the video's length, between the first two), 0.2 s,
+    # then 0.4 s apart
+    opens = [t for t, p in media_server.open_log if p == path]
+    assert len(opens) == 4 and opens[-1] - opens[0] >= 0.6 and opens[-1] - opens[-2] >= 0.4
     assert _final_clips(tmp_path / "drop-99" / "clips") == {}
 
-    flaky = results["err503-1"]
+    flaky = results["err503-1"]  # the resolution itself failed once: it is retried
     assert (flaky.status, flaky.attempts) == ("ok", 2) and media_server.attempts("/err503-1/vid2.mp4") == 2
 
     stalled = results["stall-1"]  # timeout_seconds reaches ffmpeg's reads: no hang, a retry
-    assert (stalled.status, stalled.attempts) == ("ok", 2) and media_server.attempts("/stall-1/vid3.mp4") == 2
+    assert (stalled.status, stalled.attempts) == ("ok", 2) and media_server.attempts("/stall-1/vid3.mp4") == 1
     assert abs(probe(Path(stalled.path)).duration - 3.5) < 0.15
 
 
 def test_kill_and_resume(media_server: MediaServer, tmp_path: Path) -> None:
     ids = [f"vid{i}" for i in range(4)]
-    _write_csv(tmp_path / "rows.csv", [f"{v},1.0,4.0,0.5,0.5" for v in ids])
+    write_csv(tmp_path / "rows.csv", [f"{v},1.0,4.0,0.5,0.5" for v in ids])
     (tmp_path / "params.yaml").write_text(yaml.safe_dump({"download": {
         "csv": "rows.csv", "limit": None, "url_template": media_server.template("slow"),
         "allow_file_urls": False, "workers": 2, "retries": 1, "backoff_seconds": 0.1,
@@ -396,7 +224,7 @@ def test_hostile_ids_are_rejected(tmp_path: Path, test_video: Path, monkeypatch)
     (tmp_path / "evil.mp4").symlink_to(test_video)  # what '../evil' would reach
     hostile = ["../evil", "a;touch x", "$(id)", "/etc/passwd", "..", "a b", "`id`", "a" * 65]
     before = sorted(p.relative_to(tmp_path.parent) for p in tmp_path.parent.rglob("*"))
-    m = _run(tmp_path, [f"{h},1.0,3.0,0.5,0.5" for h in hostile] + ["good,1.0,3.0,0.5,0.5"],
+    m = run_table(tmp_path, [f"{h},1.0,3.0,0.5,0.5" for h in hostile] + ["good,1.0,3.0,0.5,0.5"],
              "file://{root}/videos/{id}.mp4", allow_file_urls=True)
     for line, value in enumerate(hostile, start=1):
         row = m.loc[line]
@@ -413,7 +241,7 @@ def test_hostile_ids_are_rejected(tmp_path: Path, test_video: Path, monkeypatch)
 def test_real_ids_starting_with_a_dash_are_downloaded(media_server: MediaServer, tmp_path: Path) -> None:
     """About 1 in 64 YouTube ids starts with '-': kept, fetched, and stored under a path that no
     program can take for an option."""
-    m = _run(tmp_path, ["-dash0,1.0,4.0,0.5,0.5", "_under0,1.0,4.0,0.5,0.5"], media_server.template("v"))
+    m = run_table(tmp_path, ["-dash0,1.0,4.0,0.5,0.5", "_under0,1.0,4.0,0.5,0.5"], media_server.template("v"))
     assert list(m["status"]) == ["ok", "ok"], list(m["reason"])
     assert media_server.requests("/v/-dash0.mp4")
     clip = Path(m.loc[1, "path"])
@@ -422,7 +250,7 @@ def test_real_ids_starting_with_a_dash_are_downloaded(media_server: MediaServer,
 
 
 def test_segments_longer_than_max_seconds_are_not_fetched(media_server: MediaServer, tmp_path: Path) -> None:
-    m = _run(tmp_path, ["vid0,0.0,9.5,0.5,0.5", "vid1,1.0,4.0,0.5,0.5"], media_server.template("v"), max_seconds=5.0)
+    m = run_table(tmp_path, ["vid0,0.0,9.5,0.5,0.5", "vid1,1.0,4.0,0.5,0.5"], media_server.template("v"), max_seconds=5.0)
     assert (m.loc[1, "status"], m.loc[1, "reason"]) == ("failed", "too_long: segment is 9.50 s, max_seconds is 5")
     assert m.loc[2, "status"] == "ok"
     assert media_server.requests("/v/vid0.mp4") == []   # refused before any request
@@ -436,13 +264,13 @@ def test_file_urls(tmp_path: Path, test_video: Path) -> None:
     template = "file://{root}/videos/{id}.mp4"
 
     (tmp_path / "off").mkdir()
-    disabled = _run(tmp_path / "off", rows, template, root=tmp_path, allow_file_urls=False)
+    disabled = run_table(tmp_path / "off", rows, template, root=tmp_path, allow_file_urls=False)
     assert list(disabled["status"]) == ["failed"] * 3
     assert all(r.startswith("file_urls_disabled") for r in disabled["reason"])
     assert _final_clips(tmp_path / "off" / "clips") == {}
 
     (tmp_path / "on").mkdir()
-    m = _run(tmp_path / "on", rows, template, root=tmp_path, allow_file_urls=True, retries=3)
+    m = run_table(tmp_path / "on", rows, template, root=tmp_path, allow_file_urls=True, retries=3)
     row = m.loc[1]
     assert row.status == "ok" and row.fetched_url == f"file://{tmp_path.resolve()}/videos/vid0.mp4"
     # the manifest on disk names the source by the template, never by this folder's path
@@ -461,7 +289,7 @@ def test_file_urls(tmp_path: Path, test_video: Path) -> None:
 
 @pytest.mark.skipif(not CREMAD.is_dir(), reason=f"real media folder {CREMAD} absent")
 def test_real_flv_vp6_mp3_becomes_exact_mp4_clip(tmp_path: Path) -> None:
-    m = _run(tmp_path, ["1001_DFA_ANG_XX,0.4,1.6,0.5,0.5"], "file://{root}/{id}.flv", root=CREMAD,
+    m = run_table(tmp_path, ["1001_DFA_ANG_XX,0.4,1.6,0.5,0.5"], "file://{root}/{id}.flv", root=CREMAD,
              allow_file_urls=True, min_seconds=0.5)
     row = m.loc[1]
     assert row.status == "ok", row.reason
@@ -484,7 +312,7 @@ def test_malformed_duplicate_and_limit(tmp_path: Path, test_video: Path) -> None
              "",                             # blank lines are not rows
              "vid1,2.0,4.0,0.5,0.5",
              "vid1,5.0,7.0,0.5,0.5"]
-    m = _run(tmp_path, lines, "file://{root}/videos/{id}.mp4", allow_file_urls=True)
+    m = run_table(tmp_path, lines, "file://{root}/videos/{id}.mp4", allow_file_urls=True)
     assert list(m["line"]) == [1, 2, 3, 4, 5, 7, 8]
     assert list(m["status"]) == ["ok", "skipped", "skipped", "skipped", "skipped", "ok", "ok"]
     assert m.loc[2, "reason"].startswith("malformed_row") and m.loc[3, "reason"].startswith("malformed_row")
@@ -493,7 +321,7 @@ def test_malformed_duplicate_and_limit(tmp_path: Path, test_video: Path) -> None
     assert sorted(_final_clips(tmp_path / "clips")) == sorted(m.loc[[1, 7, 8], "clip_id"])
 
     # a smaller limit: only the first 3 rows, and clips of rows no longer listed are removed
-    again = _run(tmp_path, lines, "file://{root}/videos/{id}.mp4", allow_file_urls=True, limit=3)
+    again = run_table(tmp_path, lines, "file://{root}/videos/{id}.mp4", allow_file_urls=True, limit=3)
     assert list(again["line"]) == [1, 2, 3]
     assert (again.loc[1, "status"], again.loc[1, "reason"], again.loc[1, "reused"]) == ("ok", "", True)
     assert sorted(_final_clips(tmp_path / "clips")) == [again.loc[1, "clip_id"]]
@@ -594,7 +422,7 @@ def test_words_in_a_path_are_not_read_as_youtube_states(tmp_path: Path) -> None:
     # only the site's own refusal is read for words, not a file error naming a folder
     folder = tmp_path / "Private video - sign in to confirm your age"
     folder.mkdir()
-    m = _run(tmp_path, ["vid0,1.0,3.0,0.5,0.5"], f"file://{folder.as_posix()}/{{id}}.mp4", allow_file_urls=True)
+    m = run_table(tmp_path, ["vid0,1.0,3.0,0.5,0.5"], f"file://{folder.as_posix()}/{{id}}.mp4", allow_file_urls=True)
     assert m.loc[1, "reason"].startswith("not_found: ")
 
 
@@ -641,7 +469,7 @@ def test_availability_counts_videos_not_rows(tmp_path: Path) -> None:
 
 
 def test_rate_limit_is_reported_with_a_hint(media_server: MediaServer, tmp_path: Path, capsys) -> None:
-    m = _run(tmp_path, ["vid0,1.0,3.0,0.5,0.5", "vid1,1.0,3.0,0.5,0.5", "vid1,4.0,6.0,0.5,0.5"],
+    m = run_table(tmp_path, ["vid0,1.0,3.0,0.5,0.5", "vid1,1.0,3.0,0.5,0.5", "vid1,4.0,6.0,0.5,0.5"],
              media_server.template("err429-99"), retries=1, backoff_seconds=0.05)
     assert list(m["status"]) == ["failed"] * 3 and all(r.startswith("http_429: ") for r in m["reason"])
     assert list(m["attempts"]) == [2, 2, 2]  # transient: retried once
@@ -661,7 +489,7 @@ def test_cookies_reach_the_server_and_sleep_delays_the_download(media_server: Me
     cookies = _cookies_file(tmp_path / "cookies.txt")
     before = cookies.read_bytes()
     (tmp_path / "with").mkdir()
-    m = _run(tmp_path / "with", ["vid0,1.0,3.0,0.5,0.5"], media_server.template("v"), workers=1,
+    m = run_table(tmp_path / "with", ["vid0,1.0,3.0,0.5,0.5"], media_server.template("v"), workers=1,
              cookies=cookies, sleep_seconds=1.5)
     assert m.loc[1, "status"] == "ok"
     # yt-dlp's own requests (on YouTube: the page and player API, where the bot check and the age
@@ -672,7 +500,7 @@ def test_cookies_reach_the_server_and_sleep_delays_the_download(media_server: Me
     assert cookies.read_bytes() == before  # yt-dlp wrote its jar to a copy, not to the user's file
 
     (tmp_path / "without").mkdir()
-    m = _run(tmp_path / "without", ["vid1,1.0,3.0,0.5,0.5"], media_server.template("v"), workers=1)
+    m = run_table(tmp_path / "without", ["vid1,1.0,3.0,0.5,0.5"], media_server.template("v"), workers=1)
     assert m.loc[1, "status"] == "ok"
     assert [cookie for path, has_range, cookie in media_server.cookies
             if path == "/v/vid1.mp4" and not has_range] == [None]
@@ -720,6 +548,9 @@ GOOD_PARAMS = {"csv": "rows.csv", "limit": None, "url_template": "https://www.yo
     ("cookies", "", "download.cookies = '': expected null or the path of a cookies.txt file"),
     ("sleep_seconds", -1, "download.sleep_seconds = -1: expected a number >= 0.0"),
     ("sleep_seconds", "2s", "download.sleep_seconds = '2s': expected a number"),
+    ("requests_per_second", -0.5, "download.requests_per_second = -0.5: expected a number >= 0.0"),
+    ("per_host", 0, "download.per_host = 0: expected an integer >= 1"),
+    ("pause_seconds", 7200, "download.pause_seconds = 7200: expected a number >= 0.0 and <= 3600.0"),
 ])
 def test_bad_params_raise_params_error(tmp_path: Path, monkeypatch, key, value, message) -> None:
     monkeypatch.chdir(tmp_path)

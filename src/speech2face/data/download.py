@@ -1,106 +1,75 @@
 """Download stage library: AVSpeech rows -> one clip per segment, fetched with yt-dlp.
 
 Each CSV row names a video (``youtube_id``) and a segment ``[start, end]``. The URL comes from
-a template (``{id}``, ``{root}``). Two ways to get exactly the segment:
+a template (``{id}``, ``{root}``). The CSV is streamed: rows are read as the workers need
+them, consecutive rows of one video (AVSpeech lists a video's segments together) become one
+*video job*, and at most ``max_rows_pending(workers)`` rows are between the reader and the
+manifest at any time, so a CSV of millions of rows takes the memory of a few thousand (the
+set of clip ids, for duplicates, is the one thing that grows with the CSV).
 
-- http(s) (YouTube, any server): yt-dlp's section download (``download_ranges`` +
-  ``force_keyframes_at_cuts``): ffmpeg reads only the part it needs and re-encodes, so the cut
-  is exact rather than snapped to the previous keyframe.
-- ``file://`` (the embedded sample): yt-dlp only does full downloads of file URLs, so the whole
-  file is fetched to a temp folder and cut by ffmpeg here. The clip is always written as MP4
-  with H.264 + AAC: any input ffmpeg reads (FLV/VP6/MP3 included) converts to it, every later
-  stage and player decodes it, and it is what yt-dlp's section download produces for the
-  default (mp4) format, so both paths give the same kind of file.
+A video job resolves its video once and cuts every segment from that resolution
+(``speech2face.data.fetch``): one page/metadata request per video, not per segment.
+Requests are made through a ``RequestGate`` (per-host concurrency, a global request rate,
+and a pause for every worker when the site says "too many requests" or asks for a bot
+check; ``speech2face.data.politeness``).
 
-Every row ends as one manifest row (ok / failed / skipped + reason). Transient errors
-(connection reset, timeouts, HTTP 5xx/408/429, a clip cut short by a dropped connection) are
-retried with exponential backoff; permanent ones (404, unsupported URL, segment outside the
-video, and YouTube's refusals: ``video_unavailable``, ``age_restricted``, ``sign_in_required``,
-``geo_restricted``, and ``bot_check``, which a later run with cookies or a pause retries; see
-``YOUTUBE_STATES``) are not. ``availability`` sums up from the manifest how many videos are
-gone and whether YouTube refused this machine. A finished clip only appears by an atomic
-rename out of a ``.tmp-*`` work folder, so an interrupted run leaves no half-written clip, and
-a rerun reuses what is there.
+Every row ends as one manifest row (ok / failed / skipped + reason), in CSV order. Transient
+errors (connection reset, timeouts, HTTP 5xx/408, a clip cut short by a dropped connection)
+are retried with exponential backoff, refusals of this machine (HTTP 429, YouTube's bot
+check) after the gate's pause; permanent ones (404, unsupported URL, segment outside the
+video, and YouTube's verdicts: ``video_unavailable``, ``age_restricted``,
+``sign_in_required``, ``geo_restricted``; see ``YOUTUBE_STATES``) are not. A failed segment
+does not fail its siblings. ``availability`` sums up how many videos are gone and whether
+YouTube refused this machine. A finished clip only appears by an atomic rename out of a
+``.tmp-*`` work folder, so an interrupted run leaves no half-written clip, and a rerun reuses
+what is there (without a request).
 """
 
 from __future__ import annotations
 
-import http.cookiejar
-import io
 import os
-import re
+import queue
 import shutil
-import subprocess
 import tempfile
-import threading
-from concurrent.futures import ThreadPoolExecutor, as_completed
-from dataclasses import dataclass
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, Callable, ClassVar, Iterator, TypeVar
 from urllib.parse import quote
 
-import ffmpeg
 import pandas as pd
-import yt_dlp
-from yt_dlp.cookies import YoutubeDLCookieJar
-from yt_dlp.utils import download_range_func
 
 from speech2face.core.fsutil import remove_stale_temps
 from speech2face.core.params import check, setting
 from speech2face.core.reporting import StageSummary, progress
-from speech2face.core.tables import FAILED, OK, SKIPPED, write_table
-from speech2face.data.avspeech import BadRow, ClipRow, read_csv
-from speech2face.data.download_errors import (DownloadFailure, availability, availability_lines, classify_error,
+from speech2face.core.tables import FAILED, OK, SKIPPED, table_writer
+from speech2face.data.avspeech import BadRow, ClipRow, iter_csv
+from speech2face.data.download_errors import (BLOCKED_CODES, Availability, DownloadFailure, availability_lines,
                                               reason_code, short_message)
-from speech2face.data.media import INPUT_OPTIONS, MediaError, local_input, probe
+from speech2face.data.fetch import (CUT_TOLERANCE, DEFAULT_FORMAT, FetchSettings, Source, clip_seconds, fetch_segment,
+                                    is_file_url, read_cookies, resolve)
+from speech2face.data.politeness import RequestGate
 
-# H.264/AAC in MP4 where the site offers it (no slow VP9 re-encode at the cuts), at most 720p
-# (faces are cropped to 224 px later), else whatever single file the site has.
-DEFAULT_FORMAT = "bv*[ext=mp4][height<=720]+ba[ext=m4a]/b[ext=mp4][height<=720]/b"
-
-# A saved clip may differ from end - start by this much (frame and audio-packet rounding).
-CUT_TOLERANCE = 0.2
-# A segment may end this far past the video's end (AVSpeech rounds its times) and still count
-# as inside; smaller than CUT_TOLERANCE so such a clip still passes the length check.
-END_TOLERANCE = 0.1
-
-# How every clip is encoded, on both paths (our cut of a file:// source, and yt-dlp's
-# section download over http(s)). The cut is frame-exact: ffmpeg decodes from the keyframe
-# before ``start`` and drops frames before it, and keeps frames that start before ``end``
-# (tests/data/test_download.py checks every frame number). The bytes are reproducible: x264
-# with one thread (its output depends on the thread count, and "auto" follows the
-# machine's cores), bit-exact muxing (no encoder version string), no copied metadata.
-CLIP_ENCODING = (
-    # 4:2:0 H.264 needs even sizes; most players need yuv420p
-    "-vf", "scale=trunc(iw/2)*2:trunc(ih/2)*2", "-c:v", "libx264", "-preset", "veryfast", "-crf", "18",
-    "-pix_fmt", "yuv420p", "-threads", "1",
-    "-c:a", "aac", "-b:a", "128k",
-    "-map_metadata", "-1", "-map_chapters", "-1",
-    "-fflags", "+bitexact", "-flags:v", "+bitexact", "-flags:a", "+bitexact",
-    "-movflags", "+faststart",
-)
+__all__ = ["DownloadConfig", "download_stage", "download_rows", "run_download", "read_cookies",
+           "MANIFEST_COLUMNS", "RUN_COLUMNS"]
 
 # The manifest on disk: what the stage's output *is*, the same bytes on every machine and
 # every rerun. ``url`` keeps the template's ``{root}`` (no absolute path of this checkout);
 # ``path`` is as the stage was given it (relative to the project root in the pipeline).
 MANIFEST_COLUMNS = ["line", "youtube_id", "start", "end", "x", "y", "clip_id", "url", "status",
                     "reason", "duration", "path"]
-# Only in the table ``run_download`` returns: how this run got there (attempts made, clip
-# reused from an earlier run) and the URL actually fetched.
+# Only in the records ``on_record`` receives (and the table ``run_download`` returns): how this
+# run got there (tries it took, clip reused from an earlier run) and the URL actually fetched.
 RUN_COLUMNS = ["attempts", "reused", "fetched_url"]
 
+# One video job holds at most this many segments: a video listed thousands of times cannot
+# make one job (and the rows waiting behind it) unbounded; it is resolved once per batch.
+MAX_SEGMENTS_PER_JOB = 64
 
-@dataclass(frozen=True)
-class FetchSettings:
-    out_dir: Path
-    allow_file_urls: bool
-    retries: int               # extra attempts after a transient failure
-    backoff_seconds: float     # delay before the first retry, doubled for each next one
-    timeout_seconds: float     # socket / ffmpeg read timeout per request
-    min_seconds: float
-    format_selector: str = DEFAULT_FORMAT
-    cookies: str | None = None  # cookies.txt text (see read_cookies), sent with every request
-    sleep_seconds: float = 0.0  # pause before each download and between extraction requests
+
+def max_rows_pending(workers: int) -> int:
+    """Rows read from the CSV but not yet written to the manifest, at most (memory bound)."""
+    return max(1024, 4 * MAX_SEGMENTS_PER_JOB * workers)
 
 
 @dataclass(frozen=True)
@@ -113,7 +82,14 @@ class Outcome:
     reused: bool = False
 
 
-# --------------------------------------------------------------------------- URLs and errors
+@dataclass
+class VideoJob:
+    """Consecutive CSV rows of one video: resolved once, cut segment by segment."""
+
+    youtube_id: str
+    url: str
+    segments: list[tuple[int, ClipRow]] = field(default_factory=list)   # (manifest position, row)
+
 
 def build_url(template: str, youtube_id: str, root: str | Path) -> str:
     """``{id}`` and ``{root}`` filled in by plain replacement (other braces stay literal).
@@ -123,204 +99,71 @@ def build_url(template: str, youtube_id: str, root: str | Path) -> str:
     return template.replace("{root}", quote(Path(root).resolve().as_posix())).replace("{id}", youtube_id)
 
 
-def is_file_url(url: str) -> bool:
-    return url.lower().startswith("file:")
+# --------------------------------------------------------------------------- one video
+
+class Interrupted(Exception):
+    """The run is stopping (Ctrl-C): no new request, no retry."""
 
 
-# --------------------------------------------------------------------------- one attempt
-
-class _QuietLogger:
-    """yt-dlp talks to this instead of the console; its errors come back as exceptions."""
-
-    def debug(self, msg: str) -> None:
-        pass
-
-    info = warning = error = debug
+T = TypeVar("T")
 
 
-def read_cookies(path: str | Path) -> str:
-    """A Netscape cookies.txt as yt-dlp's own parser reads it, written back out in its format.
+def with_retries(step: Callable[[], T], cfg: FetchSettings, gate: RequestGate) -> tuple[T, int]:
+    """``step()`` until it succeeds, fails for good, or runs out of ``cfg.retries``.
 
-    ValueError (one line) if it cannot be read or holds no cookie. Lines yt-dlp cannot parse
-    are skipped with a warning here, once, rather than by every download that loads the text.
+    Returns (result, tries). A failure is re-raised with ``attempts`` set on it. Transient
+    failures wait ``backoff_seconds`` (doubled each time) in this worker; a refusal of this
+    machine (429, bot check) pauses every worker through the gate and is then retried too.
     """
-    try:
-        text = Path(path).read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as error:
-        raise ValueError(f"cannot read it ({type(error).__name__})") from None
-    jar = YoutubeDLCookieJar(io.StringIO(text))
-    try:
-        jar.load()
-    except http.cookiejar.LoadError as error:
-        reason = "JSON, not Netscape format" if "not JSON" in str(error) else \
-            "no '# Netscape HTTP Cookie File' first line"
-        raise ValueError(reason) from None
-    if len(jar) == 0:
-        raise ValueError("no cookies in it")
-    out = io.StringIO()
-    jar.save(out)
-    return out.getvalue()
-
-
-def _ydl_options(work_dir: Path, cfg: FetchSettings) -> dict[str, Any]:
-    opts: dict[str, Any] = {
-        "quiet": True, "no_warnings": True, "noprogress": True, "logger": _QuietLogger(),
-        "outtmpl": {"default": str(work_dir / "source.%(ext)s")},
-        "format": cfg.format_selector, "merge_output_format": "mp4",
-        "socket_timeout": cfg.timeout_seconds,
-        # this module does the retrying (with backoff, and only for transient errors)
-        "retries": 0, "fragment_retries": 0, "extractor_retries": 0, "file_access_retries": 0,
-        "noplaylist": True, "cachedir": False, "overwrites": True,
-    }
-    if cfg.cookies is not None:
-        # A private in-memory copy per YoutubeDL: yt-dlp writes its cookie jar back to the
-        # cookiefile when it closes, and parallel workers rewriting the user's file at once
-        # could leave it truncated for the next one to read.
-        opts["cookiefile"] = io.StringIO(cfg.cookies)
-    if cfg.sleep_seconds > 0:
-        # sleep_interval: before each download (per worker); sleep_interval_requests: between
-        # the extractor's requests (YouTube's page and player API calls), the first one excepted
-        opts["sleep_interval"] = cfg.sleep_seconds
-        opts["sleep_interval_requests"] = cfg.sleep_seconds
-    return opts
-
-
-def _check_inside(start: float, end: float, video_seconds: float) -> None:
-    if end > video_seconds + END_TOLERANCE:
-        raise DownloadFailure("segment_outside_video",
-                              f"segment {start:.2f}-{end:.2f} s, video is {video_seconds:.2f} s")
-
-
-def _downloaded_file(info: dict, work_dir: Path) -> Path:
-    for item in info.get("requested_downloads") or []:
-        path = item.get("filepath")
-        if path and Path(path).is_file():
-            return Path(path)
-    found = [p for p in work_dir.iterdir() if p.is_file() and not p.name.endswith((".part", ".ytdl"))]
-    if len(found) == 1:
-        return found[0]
-    raise DownloadFailure("no_file", "yt-dlp reported success but wrote no single file")
-
-
-def _media_url(info: dict) -> str | None:
-    formats = info.get("requested_formats") or [info]
-    url = formats[0].get("url")
-    return url if isinstance(url, str) and re.match(r"https?://", url) else None
-
-
-def _remote_duration(url: str | None, timeout_seconds: float) -> float | None:
-    """The video's length read by ffprobe over HTTP, or None if that fails too."""
-    if url is None:
-        return None
-    try:
-        info = ffmpeg.probe(url, rw_timeout=int(timeout_seconds * 1e6))
-        return float(info["format"]["duration"])
-    except (ffmpeg.Error, KeyError, ValueError, TypeError):
-        return None
-
-
-def _clip_seconds(path: Path) -> float:
-    try:
-        return probe(path).duration
-    except MediaError:
-        return 0.0
-
-
-def _fetch_section(url: str, row: ClipRow, work_dir: Path, cfg: FetchSettings) -> Path:
-    """http(s): yt-dlp downloads just [start, end] and re-encodes at the cuts."""
-    opts = _ydl_options(work_dir, cfg)
-    opts.update({
-        "download_ranges": download_range_func(None, [(row.start, row.end)]),
-        "force_keyframes_at_cuts": True,
-        # ffmpeg does the section's HTTP reads; without this it waits forever on a stalled server
-        "external_downloader_args": {"ffmpeg_i": ["-rw_timeout", str(int(cfg.timeout_seconds * 1e6))],
-                                     "ffmpeg_o": list(CLIP_ENCODING)},
-    })
-    with yt_dlp.YoutubeDL(opts) as ydl:
+    attempts = 0
+    while True:
+        if not gate.before_request():
+            raise Interrupted
+        attempts += 1
         try:
-            info = ydl.extract_info(url, download=False)
-        except Exception as error:  # noqa: BLE001 - every yt-dlp failure becomes a reason
-            raise classify_error(error) from None
-        if info is None or info.get("_type") in ("playlist", "multi_video"):
-            raise DownloadFailure("not_a_video", "the URL is not a single video")
-        known_seconds = info.get("duration")
-        if known_seconds:  # YouTube says how long the video is: no download for a bad segment
-            _check_inside(row.start, row.end, float(known_seconds))
-        try:
-            info = ydl.process_ie_result(info, download=True)
-        except Exception as error:  # noqa: BLE001
-            failure = classify_error(error)
-            if failure.transient and not known_seconds:
-                # ffmpeg also fails on a start past the end: find out before retrying in vain
-                seconds = _remote_duration(_media_url(info), cfg.timeout_seconds)
-                if seconds is not None:
-                    _check_inside(row.start, row.end, seconds)
-            raise failure from None
-    clip = _downloaded_file(info, work_dir)
-    seconds = _clip_seconds(clip)
-    if seconds < row.duration - CUT_TOLERANCE:
-        # A dropped connection makes ffmpeg end the clip early *with success*: only a segment
-        # past the video's end is a permanent reason for a short clip.
-        video_seconds = known_seconds or _remote_duration(_media_url(info), cfg.timeout_seconds)
-        if video_seconds:
-            _check_inside(row.start, row.end, float(video_seconds))
-        raise DownloadFailure("incomplete_clip", f"got {seconds:.2f} s of {row.duration:.2f} s",
-                              transient=True)
-    return clip
+            result = step()
+        except DownloadFailure as failure:
+            blocked = failure.code in BLOCKED_CODES
+            if blocked:
+                gate.blocked()
+            if not (failure.transient or blocked) or attempts > cfg.retries:
+                failure.attempts = attempts  # type: ignore[attr-defined]
+                raise
+            if not blocked and gate.stop.wait(cfg.backoff_seconds * 2 ** (attempts - 1)):
+                raise Interrupted from None
+            continue
+        gate.succeeded()
+        return result, attempts
 
 
-def cut_segment(source: Path, start: float, end: float, out: Path, timeout: float = 600) -> None:
-    """Exact cut by re-encoding to MP4 (H.264 + AAC); raises DownloadFailure on an ffmpeg error."""
-    cmd = [
-        "ffmpeg", "-nostdin", "-hide_banner", "-loglevel", "error", "-y",
-        *(arg for name, value in INPUT_OPTIONS.items() for arg in (f"-{name}", value)),   # local files only
-        "-ss", f"{start:.3f}", "-i", local_input(source), "-t", f"{end - start:.3f}",
-        "-map", "0:v:0?", "-map", "0:a:0?", "-sn", "-dn",
-        *CLIP_ENCODING, "-f", "mp4", str(out),
-    ]
+def _failure_reason(failure: DownloadFailure, attempts: int) -> str:
+    return failure.reason + (f" (after {attempts} attempts)" if attempts > 1 else "")
+
+
+def _without_work_dir(reason: str, work_dir: Path) -> str:
+    """An error message that names a file in the attempt's temp folder names it as
+    ``{download}/<file>``: the folder's random name would make every run's manifest differ."""
+    return reason.replace(work_dir.resolve().as_posix(), "{download}").replace(work_dir.as_posix(), "{download}")
+
+
+def save_segment(source: Source, row: ClipRow, cfg: FetchSettings) -> tuple[Path, float]:
+    """One attempt at one segment, in its own ``.tmp-*`` folder; the clip gets its final name
+    by an atomic rename, the only way a clip ever gets one."""
+    work_dir = Path(tempfile.mkdtemp(prefix=f".tmp-{row.clip_id}-", dir=cfg.out_dir))
     try:
-        result = subprocess.run(cmd, stdin=subprocess.DEVNULL, capture_output=True, timeout=timeout)
-    except subprocess.TimeoutExpired:
-        raise DownloadFailure("cut_failed", f"ffmpeg took over {timeout:.0f} s") from None
-    if result.returncode != 0 or not out.is_file():
-        lines = result.stderr.decode("utf-8", "replace").strip().splitlines()
-        raise DownloadFailure("cut_failed", lines[-1][:160] if lines else f"ffmpeg exit {result.returncode}")
+        clip, seconds = fetch_segment(source, row, work_dir, cfg)
+        final = cfg.out_dir / f"{row.clip_id}{clip.suffix}"
+        os.replace(clip, final)
+        return final, seconds
+    except DownloadFailure as failure:
+        raise DownloadFailure(failure.code, _without_work_dir(failure.message, work_dir),
+                              failure.transient) from None
+    except Exception as error:  # noqa: BLE001 - one odd segment must not stop the stage
+        raise DownloadFailure("internal_error", _without_work_dir(
+            f"{type(error).__name__}: {short_message(str(error))}", work_dir)) from None
+    finally:
+        shutil.rmtree(work_dir, ignore_errors=True)
 
-
-def _fetch_file(url: str, row: ClipRow, work_dir: Path, cfg: FetchSettings) -> Path:
-    """file://: yt-dlp copies the whole file (no sections for file URLs), ffmpeg cuts it here."""
-    opts = _ydl_options(work_dir, cfg)
-    opts["enable_file_urls"] = True
-    with yt_dlp.YoutubeDL(opts) as ydl:
-        try:
-            info = ydl.extract_info(url, download=True)
-        except Exception as error:  # noqa: BLE001
-            raise classify_error(error) from None
-    source = _downloaded_file(info or {}, work_dir)
-    try:
-        video_seconds = probe(source).duration
-    except MediaError as error:
-        raise DownloadFailure("undecodable", error.detail or error.reason) from None
-    _check_inside(row.start, row.end, video_seconds)
-    clip = work_dir / "clip.mp4"
-    cut_segment(source, row.start, row.end, clip)
-    source.unlink()  # the full video is not needed any more; free the space early
-    return clip
-
-
-def fetch_once(url: str, row: ClipRow, work_dir: Path, cfg: FetchSettings) -> tuple[Path, float]:
-    """One attempt: the clip file inside ``work_dir`` and its measured length (ffprobe)."""
-    fetch = _fetch_file if is_file_url(url) else _fetch_section
-    clip = fetch(url, row, work_dir, cfg)
-    seconds = _clip_seconds(clip)
-    if abs(seconds - row.duration) > CUT_TOLERANCE:  # short http clips were sorted out above
-        raise DownloadFailure("cut_mismatch", f"clip is {seconds:.2f} s, segment is {row.duration:.2f} s")
-    if seconds < cfg.min_seconds:
-        raise DownloadFailure("too_short", f"clip is {seconds:.2f} s, min_seconds is {cfg.min_seconds:g}")
-    return clip, seconds
-
-
-# --------------------------------------------------------------------------- one row
 
 def finished_clip(out_dir: Path, clip_id: str) -> Path | None:
     """A clip saved by an earlier run (only complete clips ever get a final name)."""
@@ -330,62 +173,64 @@ def finished_clip(out_dir: Path, clip_id: str) -> Path | None:
     return None
 
 
-def _without_work_dir(reason: str, work_dir: Path) -> str:
-    """An error message that names a file in the attempt's temp folder names it as
-    ``{download}/<file>``: the folder's random name would make every run's manifest differ."""
-    return reason.replace(work_dir.resolve().as_posix(), "{download}").replace(work_dir.as_posix(), "{download}")
-
-
-def download_clip(row: ClipRow, url: str, cfg: FetchSettings, stop: threading.Event | None = None) -> Outcome:
-    """Fetch one segment with retries; never raises for a bad row or a network failure.
-
-    ``stop`` (set on Ctrl-C) ends the retrying early instead of starting another attempt.
-    """
-    stop = stop or threading.Event()
-    if row.duration < cfg.min_seconds:
-        return Outcome(FAILED, f"too_short: segment is {row.duration:.2f} s, min_seconds is {cfg.min_seconds:g}")
-    if is_file_url(url) and not cfg.allow_file_urls:
-        return Outcome(FAILED, "file_urls_disabled: set download.allow_file_urls to use file:// URLs")
-    attempts = 0
-    while not stop.is_set():
-        attempts += 1
-        work_dir = Path(tempfile.mkdtemp(prefix=f".tmp-{row.clip_id}-", dir=cfg.out_dir))
-        try:
-            clip, seconds = fetch_once(url, row, work_dir, cfg)
-            final = cfg.out_dir / f"{row.clip_id}{clip.suffix}"
-            os.replace(clip, final)  # the only way a clip gets its final name
-            return Outcome(OK, "", seconds, final, attempts)
-        except DownloadFailure as failure:
-            if not failure.transient or attempts > cfg.retries:
-                reason = _without_work_dir(failure.reason, work_dir)
-                if failure.transient:
-                    reason += f" (after {attempts} attempts)"
-                return Outcome(FAILED, reason, attempts=attempts)
-        except Exception as error:  # noqa: BLE001 - one odd row must not stop the stage
-            return Outcome(FAILED, _without_work_dir(
-                f"internal_error: {type(error).__name__}: {short_message(str(error))}", work_dir), attempts=attempts)
-        finally:
-            shutil.rmtree(work_dir, ignore_errors=True)
-        stop.wait(cfg.backoff_seconds * 2 ** (attempts - 1))
-    return Outcome(FAILED, "interrupted", attempts=attempts)
-
-
 def reuse_clip(row: ClipRow, cfg: FetchSettings) -> Outcome | None:
     """An earlier run's clip if it is there and still the right length (else it is removed)."""
     path = finished_clip(cfg.out_dir, row.clip_id)
     if path is None:
         return None
-    seconds = _clip_seconds(path)
+    seconds = clip_seconds(path)
     if abs(seconds - row.duration) <= CUT_TOLERANCE and seconds >= cfg.min_seconds:
         return Outcome(OK, "", seconds, path, 0, reused=True)
     path.unlink()
     return None
 
 
+def download_video(job: VideoJob, cfg: FetchSettings, gate: RequestGate) -> list[tuple[int, Outcome]]:
+    """Every segment of one video: reused, or cut from one resolution of the video. Never
+    raises for a bad video or a network failure; a failed segment leaves its siblings alone.
+
+    ``attempts`` of a segment: the tries it took; the first segment fetched also carries its
+    video's failed resolution tries (so a resolution that failed once, then worked, shows 2).
+    """
+    results = []
+    todo = []
+    for position, row in job.segments:
+        reused = reuse_clip(row, cfg)
+        if reused is not None:
+            results.append((position, reused))
+        else:
+            todo.append((position, row))
+    if not todo:
+        return results
+    try:
+        with gate.host(job.url):
+            try:
+                source, resolve_tries = with_retries(lambda: resolve(job.url, cfg), cfg, gate)
+            except DownloadFailure as failure:
+                tries = failure.attempts  # type: ignore[attr-defined]
+                return results + [(position, Outcome(FAILED, _failure_reason(failure, tries), attempts=tries))
+                                  for position, _ in todo]
+            while todo:
+                position, row = todo[0]
+                extra = resolve_tries - 1
+                resolve_tries = 1
+                try:
+                    (path, seconds), tries = with_retries(lambda: save_segment(source, row, cfg), cfg, gate)
+                    outcome = Outcome(OK, "", seconds, path, tries + extra)
+                except DownloadFailure as failure:
+                    tries = failure.attempts + extra  # type: ignore[attr-defined]
+                    outcome = Outcome(FAILED, _failure_reason(failure, tries), attempts=tries)
+                results.append((position, outcome))
+                todo.pop(0)
+    except (Interrupted, InterruptedError):
+        results += [(position, Outcome(FAILED, "interrupted")) for position, _ in todo]
+    return results
+
+
 # --------------------------------------------------------------------------- the stage
 
-def _row_record(row: ClipRow | BadRow, url: str = "", outcome: Outcome | None = None,
-                url_template: str = "") -> dict[str, Any]:
+def _record(row: ClipRow | BadRow, url_template: str = "", url: str = "",
+            outcome: Outcome | None = None) -> dict[str, Any]:
     if isinstance(row, BadRow):
         return {"line": row.line, "youtube_id": row.youtube_id, "start": None, "end": None, "x": None,
                 "y": None, "clip_id": "", "url": "", "status": SKIPPED, "reason": row.reason,
@@ -411,7 +256,7 @@ def _relative_to(path: str, root: str | Path) -> str:
         return path
 
 
-def remove_unlisted_clips(out_dir: Path, clip_ids: set[str]) -> int:
+def remove_unlisted_clips(out_dir: Path, clip_ids: set[str] | dict[str, int]) -> int:
     """Clips of rows no longer in the CSV selection (e.g. a smaller ``limit``): data/clips
     holds exactly the manifest's clips, so DVC tracks what the params say."""
     removed = 0
@@ -422,90 +267,179 @@ def remove_unlisted_clips(out_dir: Path, clip_ids: set[str]) -> int:
     return removed
 
 
-def run_download(csv_path: str | Path, out_dir: str | Path, manifest_path: str | Path, url_template: str,
-                 root: str | Path, allow_file_urls: bool, limit: int | None, workers: int, retries: int,
-                 backoff_seconds: float, timeout_seconds: float, min_seconds: float,
-                 format_selector: str = DEFAULT_FORMAT, cookies: str | Path | None = None,
-                 sleep_seconds: float = 0.0, max_seconds: float = 60.0) -> pd.DataFrame:
-    """Download every row's segment; writes the manifest (``MANIFEST_COLUMNS``, one row per CSV
-    row) and returns it with this run's ``RUN_COLUMNS`` added. No row can stop it: each ends
-    in the manifest with a status and a reason, even an unforeseen error (``internal_error``).
+def _csv_rows(csv_path: str | Path, limit: int | None) -> Iterator[ClipRow | BadRow]:
+    for count, row in enumerate(iter_csv(csv_path)):
+        if limit is not None and count >= limit:
+            return
+        yield row
+
+
+def _count_lines(csv_path: str | Path, limit: int | None) -> int:
+    """For the progress bar only: lines in the file (blank ones too), read in 1 MB blocks."""
+    with open(csv_path, "rb") as f:
+        lines = sum(block.count(b"\n") for block in iter(lambda: f.read(1 << 20), b""))
+    return min(lines, limit) if limit is not None else lines
+
+
+class _ManifestOut:
+    """Records arrive in any order, leave for the manifest in CSV order (a reorder buffer)."""
+
+    def __init__(self, add: Callable[[dict[str, Any]], None], root: str | Path,
+                 on_record: Callable[[dict[str, Any]], None] | None, bar) -> None:
+        self.add, self.on_record, self.bar = add, on_record, bar
+        self.root = root
+        root_text = Path(root).resolve().as_posix()
+        self.root_forms = [quote(root_text), root_text] if root_text != "/" else []
+        self.waiting: dict[int, dict[str, Any]] = {}
+        self.next_position = 0
+        self.summary = StageSummary("download")
+        self.availability = Availability()
+
+    def put(self, position: int, record: dict[str, Any]) -> None:
+        self.waiting[position] = record
+        while self.next_position in self.waiting:
+            self._write(self.waiting.pop(self.next_position))
+            self.next_position += 1
+
+    def _write(self, record: dict[str, Any]) -> None:
+        for form in self.root_forms:  # error messages may quote the source's full path
+            record["reason"] = record["reason"].replace(form, "{root}")
+        status, reason = record["status"], record["reason"]
+        if status == OK and record["reused"]:
+            self.summary.reuse()
+        elif status == OK:
+            self.summary.ok()
+        else:
+            self.summary.skip(reason_code(reason))
+        self.availability.add(record["youtube_id"], status, reason, record["attempts"])
+        if self.on_record is not None:
+            self.on_record(dict(record))
+        record["path"] = _relative_to(record["path"], self.root)
+        self.add({column: record[column] for column in MANIFEST_COLUMNS})
+        self.bar.update(1)
+
+
+def download_rows(csv_path: str | Path, out_dir: str | Path, manifest_path: str | Path, url_template: str,
+                  root: str | Path, allow_file_urls: bool, limit: int | None, workers: int, retries: int,
+                  backoff_seconds: float, timeout_seconds: float, min_seconds: float,
+                  format_selector: str = DEFAULT_FORMAT, cookies: str | Path | None = None,
+                  sleep_seconds: float = 0.0, max_seconds: float = 60.0, requests_per_second: float = 0.0,
+                  per_host: int = 4, pause_seconds: float = 30.0,
+                  on_record: Callable[[dict[str, Any]], None] | None = None, group_videos: bool = True) -> None:
+    """Download every row's segment and write the manifest (``MANIFEST_COLUMNS``, one row per
+    CSV row, in CSV order). No row can stop it: each ends in the manifest with a status and a
+    reason, even an unforeseen error (``internal_error``).
 
     ``cookies``: a Netscape cookies.txt sent with every request (YouTube's bot check, age gate);
     ``sleep_seconds``: each worker's pause before a download and between extraction requests;
-    ``max_seconds``: longer segments are not downloaded (``too_long``).
+    ``max_seconds``: longer segments are not downloaded (``too_long``); ``requests_per_second``,
+    ``per_host``, ``pause_seconds``: the ``RequestGate``. ``on_record`` gets every row's record
+    (with ``RUN_COLUMNS``) as it is written; ``group_videos=False`` resolves every row on its own
+    (the behaviour before video jobs; for benchmarks/bench_download.py).
     """
-    summary = StageSummary("download")
     out_dir, manifest_path = Path(out_dir), Path(manifest_path)
     out_dir.mkdir(parents=True, exist_ok=True)
     remove_stale_temps(out_dir)  # work folders of a killed run
     for stale in manifest_path.parent.glob(f".tmp-{manifest_path.stem}-*"):
         stale.unlink(missing_ok=True)
     cfg = FetchSettings(out_dir, allow_file_urls, retries, backoff_seconds, timeout_seconds,
-                         min_seconds, format_selector,
-                         read_cookies(cookies) if cookies is not None else None, sleep_seconds)
+                        min_seconds, format_selector,
+                        read_cookies(cookies) if cookies is not None else None, sleep_seconds)
+    gate = RequestGate(requests_per_second, per_host, pause_seconds)
+    first_line: dict[str, int] = {}   # clip id -> line of its first row (duplicates)
+    bound = max_rows_pending(workers)
+    running: dict[Future, VideoJob] = {}
+    finished_jobs: queue.SimpleQueue[Future] = queue.SimpleQueue()
+    job: VideoJob | None = None
 
-    rows = read_csv(csv_path, limit=limit)
-    records: list[dict[str, Any] | None] = [None] * len(rows)
-    first_line: dict[str, int] = {}
-    todo: list[tuple[int, ClipRow, str]] = []
-    for i, row in enumerate(rows):
-        if isinstance(row, BadRow):
-            records[i] = _row_record(row)
-        elif row.clip_id in first_line:
-            records[i] = _row_record(row, build_url(url_template, row.youtube_id, root), Outcome(
-                SKIPPED, f"duplicate_segment: same segment as line {first_line[row.clip_id]}"), url_template)
-        elif row.duration > max_seconds:
-            records[i] = _row_record(row, build_url(url_template, row.youtube_id, root), Outcome(
-                FAILED, f"too_long: segment is {row.duration:.2f} s, max_seconds is {max_seconds:g}"), url_template)
-        else:
-            first_line[row.clip_id] = row.line
-            todo.append((i, row, build_url(url_template, row.youtube_id, root)))
-    remove_unlisted_clips(out_dir, set(first_line))
+    with table_writer(manifest_path, MANIFEST_COLUMNS) as add, \
+            ThreadPoolExecutor(max_workers=workers) as pool, \
+            progress(None, "download", total=_count_lines(csv_path, limit), unit="row") as bar:
+        out = _ManifestOut(add, root, on_record, bar)
 
-    stop = threading.Event()
+        def submit() -> None:
+            nonlocal job
+            if job is not None and job.segments:
+                future = pool.submit(download_video, job, cfg, gate)
+                running[future] = job
+                future.add_done_callback(finished_jobs.put)
+            job = None
 
-    def one(row: ClipRow, url: str) -> Outcome:
-        return reuse_clip(row, cfg) or download_clip(row, url, cfg, stop)
-
-    with ThreadPoolExecutor(max_workers=workers) as pool, \
-            progress(None, "download", total=len(todo)) as bar:
-        futures = {pool.submit(one, row, url): (i, row, url) for i, row, url in todo}
-        try:
-            for future in as_completed(futures):
-                i, row, url = futures[future]
+        def collect(block: bool) -> None:
+            """Write the outcomes of finished video jobs (waiting for one when ``block``)."""
+            done = [finished_jobs.get()] if block else []
+            while not finished_jobs.empty():
+                done.append(finished_jobs.get())
+            for future in done:
+                finished = running.pop(future)
                 try:
-                    outcome = future.result()
-                except Exception as error:  # noqa: BLE001 - a bug for one row is that row's failure
+                    outcomes = future.result()
+                except Exception as error:  # noqa: BLE001 - a bug for one video fails its rows only
                     detail = (str(error).strip().splitlines() or [""])[0][:160]
-                    outcome = Outcome(FAILED, f"internal_error: {type(error).__name__}: {detail}")
-                records[i] = _row_record(row, url, outcome, url_template)
-                bar.update(1)
-        except BaseException:  # Ctrl-C: no queued download starts, no retry follows
-            stop.set()
-            for future in futures:
+                    outcomes = [(position, Outcome(FAILED, f"internal_error: {type(error).__name__}: {detail}"))
+                                for position, _ in finished.segments]
+                rows = dict(finished.segments)
+                for position, outcome in outcomes:
+                    out.put(position, _record(rows[position], url_template, finished.url, outcome))
+
+        try:
+            for position, row in enumerate(_csv_rows(csv_path, limit)):
+                if isinstance(row, BadRow):
+                    out.put(position, _record(row))
+                    continue
+                url = build_url(url_template, row.youtube_id, root)
+                refusal = _refusal(row, first_line, cfg, url, max_seconds)
+                if refusal is not None:
+                    out.put(position, _record(row, url_template, url, refusal))
+                    continue
+                if job is None or job.youtube_id != row.youtube_id or not group_videos or \
+                        len(job.segments) >= MAX_SEGMENTS_PER_JOB:
+                    submit()
+                    job = VideoJob(row.youtube_id, url)
+                job.segments.append((position, row))
+                collect(block=False)
+                while position + 1 - out.next_position >= bound:   # rows held between CSV and manifest
+                    if not running:
+                        submit()
+                    collect(block=True)
+            submit()
+            while running:
+                collect(block=True)
+        except BaseException:  # Ctrl-C: no queued video starts, no retry follows, no manifest
+            gate.stop.set()
+            for future in running:
                 future.cancel()
             raise
-
-    manifest = pd.DataFrame([r for r in records if r is not None], columns=MANIFEST_COLUMNS + RUN_COLUMNS)
-    for status, reason, reused in zip(manifest["status"], manifest["reason"], manifest["reused"]):
-        if status == OK and reused:
-            summary.reuse()
-        elif status == OK:
-            summary.ok()
-        else:
-            summary.skip(reason_code(reason))
-    # error messages may quote the source's full path: the project root becomes {root}
-    root_text = Path(root).resolve().as_posix()
-    if root_text != "/":
-        manifest["reason"] = manifest["reason"].map(lambda r: r.replace(quote(root_text), "{root}")
-                                                    .replace(root_text, "{root}"))
-    write_table(manifest[MANIFEST_COLUMNS].assign(path=manifest["path"].map(lambda p: _relative_to(p, root))),
-                manifest_path)
-    for line in availability_lines(availability(manifest)):  # before the summary: it stays last
+    remove_unlisted_clips(out_dir, first_line)
+    for line in availability_lines(out.availability.stats()):  # before the summary: it stays last
         print(line, flush=True)
-    summary.print()
-    return manifest
+    if gate.pauses:
+        print(f"download: the site refused this machine (HTTP 429 / bot check): every worker paused "
+              f"{gate.pauses}x, {gate.paused_seconds:.1f} s in all", flush=True)
+    out.summary.print()
+
+
+def _refusal(row: ClipRow, first_line: dict[str, int], cfg: FetchSettings, url: str,
+             max_seconds: float) -> Outcome | None:
+    """Why a row is not fetched at all (no request), or None; records a fetched row's clip id."""
+    if row.clip_id in first_line:
+        return Outcome(SKIPPED, f"duplicate_segment: same segment as line {first_line[row.clip_id]}")
+    if row.duration > max_seconds:
+        return Outcome(FAILED, f"too_long: segment is {row.duration:.2f} s, max_seconds is {max_seconds:g}")
+    first_line[row.clip_id] = row.line
+    if row.duration < cfg.min_seconds:
+        return Outcome(FAILED, f"too_short: segment is {row.duration:.2f} s, min_seconds is {cfg.min_seconds:g}")
+    if is_file_url(url) and not cfg.allow_file_urls:
+        return Outcome(FAILED, "file_urls_disabled: set download.allow_file_urls to use file:// URLs")
+    return None
+
+
+def run_download(*args: Any, **kwargs: Any) -> pd.DataFrame:
+    """``download_rows``, with every row's record returned as a table (``MANIFEST_COLUMNS`` +
+    ``RUN_COLUMNS``): for small CSVs (tests, notebooks); the stage keeps no rows."""
+    records: list[dict[str, Any]] = []
+    download_rows(*args, on_record=records.append, **kwargs)
+    return pd.DataFrame(records, columns=MANIFEST_COLUMNS + RUN_COLUMNS)
 
 
 URL_SCHEMES = ("http://", "https://", "file://")
@@ -529,6 +463,9 @@ class DownloadConfig:
     format: str = setting(DEFAULT_FORMAT)                   # yt-dlp format selector
     cookies: str | None = setting(None, expected="null or the path of a cookies.txt file")
     sleep_seconds: float = setting(0.0, minimum=0.0, maximum=600.0)     # each worker's pause per request
+    requests_per_second: float = setting(0.0, minimum=0.0)  # all workers together; 0 = no limit
+    per_host: int = setting(4, minimum=1)                   # videos of one host worked on at once
+    pause_seconds: float = setting(30.0, minimum=0.0, maximum=3600.0)  # every worker's pause after a 429 / bot check
 
     def check(self) -> None:
         check(Path(self.csv).is_file(), self.SECTION, "csv", self.csv, "an existing CSV file")
@@ -546,10 +483,12 @@ class DownloadConfig:
 
 
 def download_stage(config: DownloadConfig, out_dir: str | Path, manifest_path: str | Path,
-                   root: str | Path) -> pd.DataFrame:
-    """``run_download`` with the settings of the ``download`` section."""
+                   root: str | Path) -> None:
+    """``download_rows`` with the settings of the ``download`` section (no rows kept)."""
     cookies = str(Path(config.cookies).expanduser()) if config.cookies is not None else None
-    return run_download(config.csv, out_dir, manifest_path, config.url_template, root, config.allow_file_urls,
-                        config.limit, config.workers, config.retries, config.backoff_seconds,
-                        config.timeout_seconds, config.min_seconds, config.format, cookies=cookies,
-                        sleep_seconds=config.sleep_seconds, max_seconds=config.max_seconds)
+    download_rows(config.csv, out_dir, manifest_path, config.url_template, root, config.allow_file_urls,
+                  config.limit, config.workers, config.retries, config.backoff_seconds,
+                  config.timeout_seconds, config.min_seconds, config.format, cookies=cookies,
+                  sleep_seconds=config.sleep_seconds, max_seconds=config.max_seconds,
+                  requests_per_second=config.requests_per_second, per_host=config.per_host,
+                  pause_seconds=config.pause_seconds)

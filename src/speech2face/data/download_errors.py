@@ -74,13 +74,15 @@ def _exception_chain(error: BaseException) -> list[BaseException]:
 # texts (lower case, ’ written '); the first group that matches names the manifest code, so the
 # order matters: a private video's text says "Sign in if you've been granted access" and carries
 # yt-dlp's "--cookies" advice, and a country block or an age gate may open with "Video
-# unavailable". None of these is retried within the run:
+# unavailable".
 # - bot_check: YouTube refuses this IP or session, not the video ("confirm you're not a bot",
-#   captcha, "rate-limited by YouTube for up to an hour"). Backoff of seconds cannot outlast a
-#   block YouTube keeps for up to an hour, and every retry is one more request that keeps it
-#   going; the fix is cookies / sleep_seconds and another run, which retries every failed row.
-#   So it is no verdict on the video either: ``availability`` counts it apart.
-# - the others are verdicts on the video (gone, or needs an account) and do not change on retry.
+#   captcha, "rate-limited by YouTube for up to an hour"). One worker's backoff of seconds
+#   would not outlast such a block, and every retry is one more request that keeps it going:
+#   like HTTP 429 it pauses every worker (speech2face.data.politeness, doubling up to an hour)
+#   before the retry, and cookies / sleep_seconds / requests_per_second and another run are
+#   the fix when it persists. It is no verdict on the video: ``availability`` counts it apart.
+# - the others are verdicts on the video (gone, or needs an account), not retried within the
+#   run: they do not change on retry.
 YOUTUBE_STATES: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("bot_check", ("confirm you're not a bot", "captcha challenge", "ip is likely being blocked",
                    "rate-limited by youtube", "content isn't available, try again later")),
@@ -158,6 +160,40 @@ def reason_code(reason: str) -> str:
     return reason.split(":", 1)[0].strip() or "unknown"
 
 
+class Availability:
+    """``availability``'s counts, gathered one manifest row at a time (a stage that streams
+    its rows keeps only these sets of video ids, not the rows)."""
+
+    def __init__(self) -> None:
+        self.answered: set[str] = set()
+        self.gone: set[str] = set()
+        self.clips_lost = 0
+        self.blocked = {code: 0 for code in BLOCKED_CODES}
+        self.blocked_videos: set[str] = set()
+        self.sign_in = {code: 0 for code in SIGN_IN_CODES}
+
+    def add(self, youtube_id: str, status: str, reason: str, attempts: float) -> None:
+        code = reason_code(reason)
+        failed = status == FAILED
+        if status == OK or (failed and attempts >= 1 and code not in (*BLOCKED_CODES, "interrupted")):
+            self.answered.add(youtube_id)
+        if not failed:
+            return
+        if code in GONE_CODES:
+            self.gone.add(youtube_id)
+            self.clips_lost += 1
+        if code in self.blocked:
+            self.blocked[code] += 1
+            self.blocked_videos.add(youtube_id)
+        if code in self.sign_in:
+            self.sign_in[code] += 1
+
+    def stats(self) -> dict[str, Any]:
+        return {"videos": len(self.answered), "unavailable": len(self.gone), "clips_lost": self.clips_lost,
+                "blocked": dict(self.blocked), "blocked_videos": len(self.blocked_videos),
+                "sign_in": dict(self.sign_in)}
+
+
 def availability(manifest: pd.DataFrame) -> dict[str, Any]:
     """How much of the selection the source still has, read from the manifest's rows.
 
@@ -171,22 +207,12 @@ def availability(manifest: pd.DataFrame) -> dict[str, Any]:
     - ``blocked``: failed rows per code in ``BLOCKED_CODES`` and ``blocked_videos`` their
       distinct videos; ``sign_in``: failed rows per code in ``SIGN_IN_CODES``.
     """
-    status = manifest["status"].astype(str)
-    codes = manifest["reason"].fillna("").astype(str).map(reason_code)
+    counts = Availability()
     attempts = pd.to_numeric(manifest["attempts"], errors="coerce").fillna(0)
-    ids = manifest["youtube_id"].astype(str)
-    failed = status == FAILED
-    answered = (status == OK) | (failed & (attempts >= 1) & ~codes.isin((*BLOCKED_CODES, "interrupted")))
-    gone = failed & codes.isin(GONE_CODES)
-    blocked = failed & codes.isin(BLOCKED_CODES)
-    return {
-        "videos": int(ids[answered].nunique()),
-        "unavailable": int(ids[gone].nunique()),
-        "clips_lost": int(gone.sum()),
-        "blocked": {code: int((failed & (codes == code)).sum()) for code in BLOCKED_CODES},
-        "blocked_videos": int(ids[blocked].nunique()),
-        "sign_in": {code: int((failed & (codes == code)).sum()) for code in SIGN_IN_CODES},
-    }
+    for youtube_id, status, reason, tries in zip(manifest["youtube_id"].astype(str), manifest["status"].astype(str),
+                                                 manifest["reason"].fillna("").astype(str), attempts):
+        counts.add(youtube_id, status, reason, tries)
+    return counts.stats()
 
 
 def availability_lines(stats: dict[str, Any], stage: str = "download") -> list[str]:
