@@ -2,6 +2,7 @@
 
     speech2face predict VOICE -o face.png
     speech2face predict talk.mp4 -o face.png --encoder runs:/<run id>/model --decoder models/face_decoder.pt
+    speech2face serve                      # a local web page: http://127.0.0.1:7860
 
 Models default to the pipeline's outputs (``models/voice_encoder.pt``,
 ``models/face_decoder.pt`` under the current folder). ``--encoder``/``--decoder`` take a
@@ -75,19 +76,16 @@ def missing_sqlite_store(uri: str) -> Path | None:
 @contextlib.contextmanager
 def quiet_mlflow() -> Iterator[None]:
     """No progress bars or INFO lines from MLflow on the command's stderr."""
+    from speech2face.core.tracking import quiet_artifacts
+
     logger = logging.getLogger("mlflow")
     level = logger.level
-    previous = os.environ.get("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR")
     logger.setLevel(logging.WARNING)
-    os.environ["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] = "false"
     try:
-        yield
+        with quiet_artifacts():
+            yield
     finally:
         logger.setLevel(level)
-        if previous is None:
-            os.environ.pop("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", None)
-        else:
-            os.environ["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] = previous
 
 
 def resolve_model(location: str, stem: str, workdir: Path) -> Path:
@@ -230,6 +228,34 @@ def predict(voice: Path, output: Path, encoder: str, decoder: str, max_windows: 
     write_png(prediction.image, output)
     click.echo(f"speech2face: {voice} ({prediction.seconds:.1f} s, {prediction.windows} window"
                f"{'s' if prediction.windows > 1 else ''}) -> {output}")
+
+
+@main.command()
+@click.option("--encoder", default=DEFAULT_ENCODER, show_default=True, help="voice encoder: path or MLflow URI")
+@click.option("--decoder", default=DEFAULT_DECODER, show_default=True, help="face decoder: path or MLflow URI")
+@click.option("--faces", default=Path("data/faces"), show_default=True, type=click.Path(file_okay=False, path_type=Path),
+              help="faces folder of the pipeline: its test split is the gallery of nearest faces")
+@click.option("--host", default="127.0.0.1", show_default=True, help="address to listen on (this machine only)")
+@click.option("--port", default=7860, show_default=True, type=click.IntRange(0, 65535))
+@click.option("--max-seconds", default=600.0, show_default=True, type=click.FloatRange(min=0.1),
+              help="only this much of an uploaded recording is decoded and used")
+def serve(encoder: str, decoder: str, faces: Path, host: str, port: int, max_seconds: float) -> None:
+    """A local web page: upload or record a voice, see the predicted face and the nearest test faces."""
+    import uvicorn
+
+    from .serve import FaceService, create_app, load_gallery
+
+    with tempfile.TemporaryDirectory() as workdir:
+        encoder_path = resolve_model(encoder, "encoder", Path(workdir))
+        decoder_path = resolve_model(decoder, "decoder", Path(workdir))
+        voice_encoder, face_decoder, settings = load_models(encoder_path, decoder_path)
+    gallery = load_gallery(faces)
+    service = FaceService(voice_encoder, face_decoder, settings, {"encoder": encoder, "decoder": decoder}, gallery,
+                          max_seconds=max_seconds)
+    where = (f"{len(gallery.identities)} test identities from {faces}" if gallery is not None else
+             f"no test gallery ({faces}/index.csv absent: run the pipeline first)")
+    click.echo(f"speech2face: serving http://{host}:{port}  (models: {encoder}, {decoder}; {where}); Ctrl-C stops")
+    uvicorn.run(create_app(service), host=host, port=port, log_level="warning")
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import difflib
 import json
+import os
 import shutil
 import socket
 import subprocess
@@ -21,6 +22,8 @@ from pipeline_copy import VENV_BIN, env, make_project_copy, run
 from speech2face.core.tables import read_table
 
 pytestmark = pytest.mark.slow
+# S2F_SCREENSHOTS=reports/screenshots: the MLflow compare page's screenshot goes there (the README's)
+SCREENSHOTS = Path(os.environ["S2F_SCREENSHOTS"]).resolve() if os.environ.get("S2F_SCREENSHOTS") else None
 
 
 @pytest.fixture(scope="module")
@@ -61,8 +64,22 @@ def test_data_stages_produce_aligned_outputs(project: Path) -> None:
         assert f"{stage}:" in log  # each stage printed its summary line
 
 
+def _all_metrics(project: Path) -> dict:
+    """metrics.json (the headline) and metrics_details.json (the rest) as one dict."""
+    return {**json.loads((project / "reports/metrics_details.json").read_text()),
+            **json.loads((project / "reports/metrics.json").read_text())}
+
+
 def test_evaluation_reports(project: Path) -> None:
-    metrics = json.loads((project / "reports/metrics.json").read_text())
+    from speech2face.evaluation.evaluate import HEADLINE
+
+    headline = json.loads((project / "reports/metrics.json").read_text())
+    details = json.loads((project / "reports/metrics_details.json").read_text())
+    assert not set(details) & set(headline) and "details" in details and "cnn_minus_ridge_R@1" in details
+    metrics = _all_metrics(project)
+    # what `dvc exp show` lists: the headline keys there are (R@5 and R@10 need 5 and 10 test
+    # identities; the tiny profile has fewer), in HEADLINE's order; ~30 columns, not ~100
+    assert list(headline) == [key for key in HEADLINE if key in metrics] and "R@1_low" in headline
     n = metrics["gallery_identities"]
     assert n >= 2 and metrics["test_queries"] >= n
     assert metrics["chance_R@1"] == pytest.approx(1 / n)
@@ -97,7 +114,7 @@ def test_compare_encoders_on_validation_agrees_with_evaluate(project: Path) -> N
 def test_decoder_outputs_and_decoded_face_report(project: Path) -> None:
     from PIL import Image
 
-    metrics = json.loads((project / "reports/metrics.json").read_text())
+    metrics = _all_metrics(project)
     for key in ("decoded_detected", "voice_decoded_detected", "real_detected", "own_is_nearest", "image_R@1"):
         assert 0.0 <= metrics[key] <= 1.0, key
     assert metrics["real_detected"] == 1.0          # the real test crops: the detector works here
@@ -134,13 +151,29 @@ def _mlflow_runs(project: Path):
 
 
 def test_mlflow_has_training_and_evaluation_runs(project: Path) -> None:
-    client, _, runs = _mlflow_runs(project)
+    client, experiment, runs = _mlflow_runs(project)
     stages = [r.data.tags.get("stage") for r in runs]
-    assert "train_encoder" in stages and "evaluate" in stages
+    assert sorted(stages) == ["evaluate", "pipeline", "train_decoder", "train_encoder"]
+    # the experiment opens on the runs table in MLflow 3's UI, not on the GenAI overview
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
+    pipeline = next(r for r in runs if r.data.tags["stage"] == "pipeline")
+    assert pipeline.info.run_name == "workspace" and pipeline.data.tags["dvc_experiment"] == "workspace"
+    params = yaml.safe_load((project / "params.yaml").read_text())
+    for run_ in runs:   # every run: nested under the pipeline run, every param as section.key, no doubled prefix
+        if run_ is not pipeline:
+            assert run_.data.tags["mlflow.parentRunId"] == pipeline.info.run_id
+        assert run_.data.params["encoder.lr"] == str(params["encoder"]["lr"])
+        assert run_.data.params["faces.split_seed"] == str(params["faces"]["split_seed"])
+        assert not [k for k in run_.data.params if k.startswith(("evaluate.evaluate.", "encoder.encoder."))]
     evaluation = next(r for r in runs if r.data.tags["stage"] == "evaluate")
     metrics = json.loads((project / "reports/metrics.json").read_text())
     assert evaluation.data.metrics["R_at_1"] == pytest.approx(metrics["R@1"])
+    assert pipeline.data.metrics["R_at_1"] == pytest.approx(metrics["R@1"])   # params and R@K on one run
     assert len(evaluation.data.tags["git_revision"]) == 40
+    # the encoder + decoder as one registered model version, tagged with its R@K
+    versions = client.search_model_versions("name = 'speech2face'")
+    assert len(versions) == 1 and versions[0].run_id == evaluation.info.run_id
+    assert versions[0].tags["R_at_1"] == f"{metrics['R@1']:.4f}"
     training = next(r for r in runs if r.data.tags["stage"] == "train_encoder")
     history = client.get_metric_history(training.info.run_id, "train_loss")
     assert len(history) == 2  # one point per epoch
@@ -150,6 +183,26 @@ def test_mlflow_has_training_and_evaluation_runs(project: Path) -> None:
     assert len(client.get_metric_history(decoder_run.info.run_id, "train_texture_l1")) == 2
     grids = {a.path for a in client.list_artifacts(decoder_run.info.run_id, "decoded_per_epoch")}
     assert grids == {"decoded_per_epoch/epoch_001.png", "decoded_per_epoch/epoch_002.png"}
+
+
+def test_the_registered_model_turns_a_recording_into_the_pipelines_face(project: Path) -> None:
+    """``mlflow.pyfunc.load_model("models:/speech2face/1")`` gives the face ``speech2face
+    predict`` writes with the pipeline's model files."""
+    script = """
+import json, sys
+import mlflow, numpy as np
+from PIL import Image
+mlflow.set_tracking_uri(sys.argv[1])
+model = mlflow.pyfunc.load_model("models:/speech2face/1")
+image = model.predict([sys.argv[2]])[0]
+expected = np.asarray(Image.open(sys.argv[3]))
+print(json.dumps({"shape": list(image.shape), "equal": bool(np.array_equal(image, expected))}))
+"""
+    voice = project / "data" / "sample" / "videos" / "0VOOwSBlmMg.mp4"
+    run([str(VENV_BIN / "speech2face"), "predict", str(voice), "-o", "registered_check.png"], project)
+    out = run([str(VENV_BIN / "python"), "-c", script, f"sqlite:///{project / 'mlflow.db'}", str(voice),
+               str(project / "registered_check.png")], project).stdout.strip().splitlines()[-1]
+    assert json.loads(out) == {"shape": [224, 224, 3], "equal": True}
 
 
 def _free_port() -> int:
@@ -189,10 +242,10 @@ def test_mlflow_ui_shows_r_at_1_in_a_real_browser(project: Path, tmp_path: Path)
     assert any(s in dom for s in shown), f"R@1 = {value} not found on the rendered run page"
 
 
-def test_dvc_experiments_show_r_at_k_and_reach_mlflow(project: Path) -> None:
+def test_dvc_experiments_show_r_at_k_and_reach_mlflow(project: Path, tmp_path: Path) -> None:
     # one in a temp copy (under .dvc/tmp/exps): its MLflow run must still reach the project store
-    run(["dvc", "exp", "run", "--temp", "-n", "seed1", "-S", "encoder.seed=1"], project)
-    run(["dvc", "exp", "run", "-n", "seed2", "-S", "encoder.seed=2"], project)
+    run(["dvc", "exp", "run", "--temp", "-n", "lr2", "-S", "encoder.lr=0.002"], project)
+    run(["dvc", "exp", "run", "-n", "lr05", "-S", "encoder.lr=0.0005"], project)
     shown = json.loads(run(["dvc", "exp", "show", "--json"], project).stdout)
     found = {}
     for baseline in shown:
@@ -202,13 +255,71 @@ def test_dvc_experiments_show_r_at_k_and_reach_mlflow(project: Path) -> None:
                 data = revision.get("data") or {}
                 metrics = (data.get("metrics") or {}).get("reports/metrics.json", {}).get("data", {})
                 params = (data.get("params") or {}).get("params.yaml", {}).get("data", {})
-                if name in ("seed1", "seed2"):
-                    found[name] = (params["encoder"]["seed"], metrics["R@1"])
-    assert set(found) == {"seed1", "seed2"} and found["seed1"][0] == 1 and found["seed2"][0] == 2
-    _, _, runs = _mlflow_runs(project)
-    tagged = {r.data.tags.get("dvc_experiment"): r for r in runs if r.data.tags.get("stage") == "evaluate"}
-    for name in ("seed1", "seed2"):
-        assert tagged[name].data.metrics["R_at_1"] == pytest.approx(found[name][1])
+                if name in ("lr2", "lr05"):
+                    found[name] = (params["encoder"]["lr"], metrics["R@1"])
+    assert set(found) == {"lr2", "lr05"} and found["lr2"][0] == 0.002 and found["lr05"][0] == 0.0005
+    # the README's commands: a table that reads at a glance, and the R@K curves of both
+    table = run(["dvc", "exp", "show", "--only-changed", "--drop", "^(src|stages|data|models)/", "--md"],
+                project).stdout
+    header = next(line for line in table.splitlines() if "Experiment" in line)
+    columns = [c.strip() for c in header.strip("|").split("|")]
+    assert "encoder.lr" in columns and any(c.startswith(("R@", "ridge_R@", "val_R@")) for c in columns), columns
+    assert not [c for c in columns if "details" in c or "cnn_minus_ridge" in c or c.startswith("src/")], columns
+    assert "lr2" in table and "lr05" in table
+    run(["dvc", "plots", "diff", "lr2", "lr05", "-o", "plots_out"], project)
+    plots_html = (project / "plots_out" / "index.html").read_text()
+    assert "lr2" in plots_html and "lr05" in plots_html and "recall at K" in plots_html
+
+    _, experiment, runs = _mlflow_runs(project)
+    pipelines = {r.data.tags.get("dvc_experiment"): r for r in runs if r.data.tags.get("stage") == "pipeline"}
+    for name in ("lr2", "lr05"):   # one pipeline run per experiment, named after it, params and R@1 on it
+        assert pipelines[name].info.run_name == name
+        assert pipelines[name].data.params["encoder.lr"] == str(found[name][0])
+        assert pipelines[name].data.metrics["R_at_1"] == pytest.approx(found[name][1])
+        stages = sorted(r.data.tags["stage"] for r in runs
+                        if r.data.tags.get("mlflow.parentRunId") == pipelines[name].info.run_id)
+        assert "evaluate" in stages and "train_encoder" in stages
+
+    # MLflow's compare page of the two pipeline runs, in a real headless Chromium
+    if shutil.which("chromium") is None:
+        pytest.skip("Debian's chromium is not installed")
+    from playwright.sync_api import sync_playwright
+
+    ids = [pipelines[name].info.run_id for name in ("lr2", "lr05")]
+    port = _free_port()
+    server = subprocess.Popen(
+        [str(VENV_BIN / "mlflow"), "ui", "--backend-store-uri", f"sqlite:///{project / 'mlflow.db'}",
+         "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
+        cwd=project, env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        for _ in range(120):
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=1)
+                break
+            except OSError:
+                time.sleep(0.5)
+        url = (f"http://127.0.0.1:{port}/#/compare-runs?runs={json.dumps(ids)}"
+               f"&experiments={json.dumps([experiment.experiment_id])}").replace(" ", "")
+        with sync_playwright() as playwright:
+            browser = playwright.chromium.launch(executable_path=shutil.which("chromium"),
+                                                 args=["--no-sandbox", "--disable-gpu", "--disable-background-networking"])
+            page = browser.new_page(viewport={"width": 1400, "height": 1000})
+            page.goto(url)
+            page.get_by_text("encoder.lr", exact=True).first.wait_for(timeout=60_000)
+            text = page.inner_text("body")
+            page.wait_for_timeout(5000)   # the parallel-coordinates chart draws after the tables
+            page.screenshot(path=str(SCREENSHOTS / "mlflow_compare.png") if SCREENSHOTS else
+                            str(tmp_path / "mlflow_compare.png"), full_page=True)
+            browser.close()
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+    assert "lr2" in text and "lr05" in text
+    assert "0.002" in text and "0.0005" in text
+    assert "R_at_1" in text
+    for name in ("lr2", "lr05"):
+        value = found[name][1]
+        assert any(v in text for v in {f"{value:g}", f"{value:.3g}", f"{value:.4g}", str(round(value, 4))}), value
 
 
 def test_changing_a_spectrogram_param_reruns_only_what_follows(project: Path) -> None:
@@ -247,8 +358,9 @@ def test_encoder_under_torchrun_matches_one_process(project: Path, tmp_path: Pat
 
     curves = {}
     for name, processes, batch in (("single", 1, 8), ("ddp", 2, 4)):
+        # lr and seed as set here: `dvc exp run -S encoder.lr=...` above left its value in the workspace
         folder = _training_copy(project, tmp_path / name, {"batch_size": batch, "epochs": 2, "augment": 0,
-                                                            "processes": processes})
+                                                            "processes": processes, "lr": 0.001, "seed": 2})
         command = ([str(VENV_BIN / "python"), "stages/train_encoder.py"] if processes == 1 else
                    [str(VENV_BIN / "torchrun"), "--standalone", "--nproc_per_node", "2", "stages/train_encoder.py"])
         uri = f"sqlite:///{folder / 'mlflow.db'}"
@@ -261,8 +373,10 @@ def test_encoder_under_torchrun_matches_one_process(project: Path, tmp_path: Pat
         client = mlflow.tracking.MlflowClient(tracking_uri=uri)
         experiment = client.get_experiment_by_name("speech2face")
         runs = client.search_runs([experiment.experiment_id])
-        assert len(runs) == 1 and runs[0].data.tags["stage"] == "train_encoder"
-        curves[name] = [m.value for m in sorted(client.get_metric_history(runs[0].info.run_id, "train_loss"),
+        stages = sorted(r.data.tags["stage"] for r in runs)     # rank 0's run, under its pipeline run
+        assert stages == ["pipeline", "train_encoder"], stages
+        training = next(r for r in runs if r.data.tags["stage"] == "train_encoder")
+        curves[name] = [m.value for m in sorted(client.get_metric_history(training.info.run_id, "train_loss"),
                                                 key=lambda m: m.step)]
     assert len(curves["single"]) == len(curves["ddp"]) == 2
     np.testing.assert_allclose(curves["ddp"][0], curves["single"][0], rtol=0.02)

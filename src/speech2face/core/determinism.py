@@ -7,11 +7,21 @@ decide the figures (training and evaluation) therefore run with a thread count f
 params.yaml, not with "as many as there are cores", in torch and in the BLAS/OpenMP pools
 that numpy, scipy and scikit-learn use. On CUDA, deterministic algorithms are requested
 (with a warning where an operation has none).
+
+A fixed thread count is not enough across *kinds* of CPU: torch, its oneDNN and MKL kernels
+and dlib pick code paths by the CPU (an AVX-512 machine runs other kernels than an AVX2
+one), and the spectrograms, face features and trained weights come out different in the last
+bits (measured: an AMD EPYC with AVX-512 against the AVX2 one that made dvc.lock; the test R@1
+differs within its interval). ``machine_kind`` names what matters; ``reports/reference_machine.json``
+records the kind that produced the committed dvc.lock (``python -m speech2face.core.determinism``).
 """
 
 from __future__ import annotations
 
+import json
 import os
+import platform
+from pathlib import Path
 
 import torch
 
@@ -26,3 +36,22 @@ def fix_threads(threads: int) -> None:
     os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     torch.backends.cudnn.benchmark = False
     torch.use_deterministic_algorithms(True, warn_only=True)
+
+
+def machine_kind() -> dict[str, str]:
+    """What decides the bits of the numeric stages' outputs besides code, params and packages:
+    the CPU model and the instruction set torch dispatches to (AVX2, AVX512, ...)."""
+    model = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {"cpu_model": model, "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
+            "machine": platform.machine()}
+
+
+if __name__ == "__main__":   # after `dvc repro`: the kind of machine that made dvc.lock
+    print(json.dumps(machine_kind(), indent=1))

@@ -2,8 +2,10 @@
 
 Every figure carries a 95 % interval from a bootstrap over test identities
 (speech2face.evaluation.intervals); the validation split gets the same figures, for
-choices. Writes, into the reports folder: metrics.json (DVC metrics), summary.md,
-recall_at_k.csv (DVC plot) and three pictures, and logs all of it to MLflow. The measures
+choices. Writes, into the reports folder: metrics.json (DVC metrics: the headline figures,
+``HEADLINE``, what ``dvc exp show`` lists), metrics_details.json (every other figure and the
+nested details; not DVC metrics), summary.md, recall_at_k.csv (DVC plot) and three pictures,
+and logs all of it to MLflow. The measures
 themselves: speech2face.evaluation.metrics (retrieval, ridge baseline, summary text) and
 speech2face.evaluation.decoded_faces (faces decoded from voices).
 """
@@ -36,8 +38,26 @@ from speech2face.evaluation.intervals import ClusterBootstrap, verdict
 from speech2face.models.encoder_io import load_encoder
 from speech2face.models.face_decoder import load_decoder
 
-REPORT_FILES = ("metrics.json", "summary.md", "recall_at_k.csv", "recall_at_k.png", "retrieval_gallery.png",
-                "decoded_faces.png")
+REPORT_FILES = ("metrics.json", "metrics_details.json", "summary.md", "recall_at_k.csv", "recall_at_k.png",
+                "retrieval_gallery.png", "decoded_faces.png")
+
+
+def _with_interval(*names: str) -> tuple[str, ...]:
+    return tuple(f"{name}{end}" for name in names for end in ("", "_low", "_high"))
+
+
+# The figures a reader compares experiments on, each with its 95 % interval: the voice
+# encoder's R@1/5/10, the ridge baseline's, chance, the validation R@1 (what choices are made
+# on), and the decoded faces (image-level R@1, share detected as faces).
+HEADLINE = (_with_interval("R@1", "R@5", "R@10", "ridge_R@1", "ridge_R@5", "ridge_R@10", "val_R@1", "image_R@1")
+            + ("chance_R@1", "chance_R@5", "chance_R@10", "voice_decoded_detected", "test_queries",
+               "gallery_identities"))
+
+
+def split_metrics(metrics: dict) -> tuple[dict, dict]:
+    """(headline, details): metrics.json's ``HEADLINE`` keys, in that order, and all the rest."""
+    headline = {key: metrics[key] for key in HEADLINE if key in metrics}
+    return headline, {key: value for key, value in metrics.items() if key not in headline}
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -230,7 +250,7 @@ def run_evaluate(config: EvaluateConfig, spectrogram_power: float, faces_config:
 
     write_reports(paths.reports, metrics, figures, counts, decoded, decoded_intervals, test, tested, test_crops,
                   images, crop_of, config.gallery_examples)
-    log_run(config, metrics, paths.reports)
+    log_run(config, metrics, paths.reports, paths.encoder.parent)
     whole = figures.results["cnn"]["cosine"]["whole"]
     line = ", ".join(f"R@{k} {evaluation.cell(whole[k])}% (ridge "
                      f"{100 * figures.results['ridge']['cosine']['whole'][k]['value']:.1f}%, "
@@ -245,14 +265,16 @@ def run_evaluate(config: EvaluateConfig, spectrogram_power: float, faces_config:
 def write_reports(reports: Path, metrics: dict, figures: RetrievalFigures, counts: dict, decoded: dict,
                   decoded_intervals: dict, test: Pairs, tested: SplitResult, test_crops: np.ndarray,
                   images: dict, crop_of: TestCrops, examples: int) -> None:
-    """metrics.json, summary.md, recall_at_k.csv/png and the two pictures of faces."""
+    """metrics.json + metrics_details.json, summary.md, recall_at_k.csv/png and the two pictures of faces."""
     first_of_identity = {name: i for i, name in reversed(list(enumerate(test.table["identity"])))}
     shown = sorted(first_of_identity.values())[:examples]
     face_grid([[test_crops[i], images["from_true"][i], images["from_voice"][i]] for i in shown],
               reports / "decoded_faces.png", labels=["true face", "from true feature", "from voice"])
 
     reports.mkdir(exist_ok=True)
-    (reports / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    headline, details = split_metrics(metrics)
+    (reports / "metrics.json").write_text(json.dumps(headline, indent=2) + "\n")
+    (reports / "metrics_details.json").write_text(json.dumps(details, indent=2) + "\n")
     (reports / "summary.md").write_text(
         evaluation.summary_markdown(figures.results, figures.val_results, figures.similarity, figures.compared,
                                     counts, metrics["details"]["bootstrap"])
@@ -272,15 +294,32 @@ def write_reports(reports: Path, metrics: dict, figures: RetrievalFigures, count
                             query_crops, reports / "retrieval_gallery.png")
 
 
-def log_run(config: EvaluateConfig, metrics: dict, reports: Path) -> None:
+REGISTERED_MODEL = "speech2face"
+MODEL_CODE = Path(__file__).resolve().parents[1] / "mlflow_model.py"
+
+
+def log_run(config: EvaluateConfig, metrics: dict, reports: Path, models_dir: Path) -> None:
+    """The evaluate run (nested under its pipeline run, with every param): the figures, the
+    reports, and the encoder + decoder as one MLflow model, registered as a version of
+    ``speech2face`` tagged with its R@K. The figures go on the pipeline run too."""
     import mlflow
 
-    with tracking.start_run("evaluate", {config.SECTION: {"sampled_gallery_size": config.sampled_gallery_size,
-                                                          "draws": config.draws, "seed": config.seed,
-                                                          "threads": config.threads, "bootstrap": config.bootstrap}}):
-        mlflow.log_metrics({k.replace("@", "_at_"): v for k, v in metrics.items() if not isinstance(v, dict)})
+    figures = {k.replace("@", "_at_"): v for k, v in metrics.items() if not isinstance(v, dict)}
+    with tracking.start_run("evaluate") as parent:
+        mlflow.log_metrics(figures)
         for name in REPORT_FILES:
             mlflow.log_artifact(str(reports / name))
+        with tracking.quiet_artifacts():
+            logged = mlflow.pyfunc.log_model(
+                name="voice_to_face", python_model=str(MODEL_CODE), artifacts={"models": str(models_dir)},
+                pip_requirements=["speech2face"], registered_model_name=REGISTERED_MODEL)
+        client = mlflow.MlflowClient()
+        version = str(logged.registered_model_version)
+        for key in ("R_at_1", "R_at_5", "R_at_10"):
+            if key in figures:
+                client.set_model_version_tag(REGISTERED_MODEL, version, key, f"{figures[key]:.4f}")
+        client.set_model_version_tag(REGISTERED_MODEL, version, "dvc_experiment", tracking.dvc_experiment())
+    tracking.log_to_pipeline_run(parent, figures)
 
 
 def round_floats(value, digits: int = 6):

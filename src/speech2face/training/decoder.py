@@ -264,7 +264,7 @@ def run_train_decoder(config: DecoderConfig, faces_config: FacesConfig, paths: P
     shown = (val if len(val) else train).take(list(range(min(GRID_FACES, len(val) or len(train)))))
     grid = paths.reports / GRID_FILE
 
-    with tracking.start_run("train_decoder", {config.SECTION: vars(config)}):
+    with tracking.start_run("train_decoder"):
         mlflow.log_params({"data.train_faces": len(train), "data.val_faces": len(val),
                            "data.feature_dim": faces.features.shape[1]})
 

@@ -193,7 +193,7 @@ def run_train_encoder(config: EncoderConfig, paths: ProjectPaths) -> list[dict]:
 
     import mlflow
 
-    with tracking.start_run("train_encoder", {config.SECTION: vars(config)}):
+    with tracking.start_run("train_encoder"):
         mlflow.log_params({"data.train_pairs": len(train), "data.val_pairs": len(val),
                            "data.feature_dim": pairs.feature_dim})
         model, history = train_encoder(config, train, val, checkpoint, loss_fn, on_epoch=log_epoch_metrics,
