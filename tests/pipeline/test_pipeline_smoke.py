@@ -4,6 +4,7 @@ and DVC's change detection. Tests in this module run in file order on one copy."
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import json
 import os
@@ -13,6 +14,7 @@ import subprocess
 import time
 import urllib.request
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import pytest
@@ -211,10 +213,9 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.mark.skipif(shutil.which("chromium") is None, reason="Debian's chromium is not installed")
-def test_mlflow_ui_shows_r_at_1_in_a_real_browser(project: Path, tmp_path: Path) -> None:
-    _, experiment, runs = _mlflow_runs(project)
-    evaluation = next(r for r in runs if r.data.tags["stage"] == "evaluate")
+@contextlib.contextmanager
+def _mlflow_ui(project: Path) -> Iterator[str]:
+    """``mlflow ui`` on the project's store, up and answering; yields its base URL."""
     port = _free_port()
     server = subprocess.Popen(
         [str(VENV_BIN / "mlflow"), "ui", "--backend-store-uri", f"sqlite:///{project / 'mlflow.db'}",
@@ -227,15 +228,23 @@ def test_mlflow_ui_shows_r_at_1_in_a_real_browser(project: Path, tmp_path: Path)
                 break
             except OSError:
                 time.sleep(0.5)
-        url = f"http://127.0.0.1:{port}/#/experiments/{experiment.experiment_id}/runs/{evaluation.info.run_id}"
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+
+
+@pytest.mark.skipif(shutil.which("chromium") is None, reason="Debian's chromium is not installed")
+def test_mlflow_ui_shows_r_at_1_in_a_real_browser(project: Path, tmp_path: Path) -> None:
+    _, experiment, runs = _mlflow_runs(project)
+    evaluation = next(r for r in runs if r.data.tags["stage"] == "evaluate")
+    with _mlflow_ui(project) as base:
+        url = f"{base}/#/experiments/{experiment.experiment_id}/runs/{evaluation.info.run_id}"
         dom = subprocess.run(
             ["chromium", "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
              "--disable-component-update", "--no-first-run", f"--user-data-dir={tmp_path / 'chrome'}",
              "--virtual-time-budget=30000", "--dump-dom", url],
             capture_output=True, text=True, timeout=180).stdout
-    finally:
-        server.terminate()
-        server.wait(timeout=30)
     value = evaluation.data.metrics["R_at_1"]
     assert "R_at_1" in dom, "the run page did not render its metrics"
     shown = {f"{value:g}", f"{value:.3g}", f"{value:.4g}", str(round(value, 4))}
@@ -286,34 +295,19 @@ def test_dvc_experiments_show_r_at_k_and_reach_mlflow(project: Path, tmp_path: P
     from playwright.sync_api import sync_playwright
 
     ids = [pipelines[name].info.run_id for name in ("lr2", "lr05")]
-    port = _free_port()
-    server = subprocess.Popen(
-        [str(VENV_BIN / "mlflow"), "ui", "--backend-store-uri", f"sqlite:///{project / 'mlflow.db'}",
-         "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
-        cwd=project, env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        for _ in range(120):
-            try:
-                urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=1)
-                break
-            except OSError:
-                time.sleep(0.5)
-        url = (f"http://127.0.0.1:{port}/#/compare-runs?runs={json.dumps(ids)}"
+    with _mlflow_ui(project) as base, sync_playwright() as playwright:
+        url = (f"{base}/#/compare-runs?runs={json.dumps(ids)}"
                f"&experiments={json.dumps([experiment.experiment_id])}").replace(" ", "")
-        with sync_playwright() as playwright:
-            browser = playwright.chromium.launch(executable_path=shutil.which("chromium"),
-                                                 args=["--no-sandbox", "--disable-gpu", "--disable-background-networking"])
-            page = browser.new_page(viewport={"width": 1400, "height": 1000})
-            page.goto(url)
-            page.get_by_text("encoder.lr", exact=True).first.wait_for(timeout=60_000)
-            text = page.inner_text("body")
-            page.wait_for_timeout(5000)   # the parallel-coordinates chart draws after the tables
-            page.screenshot(path=str(SCREENSHOTS / "mlflow_compare.png") if SCREENSHOTS else
-                            str(tmp_path / "mlflow_compare.png"), full_page=True)
-            browser.close()
-    finally:
-        server.terminate()
-        server.wait(timeout=30)
+        browser = playwright.chromium.launch(executable_path=shutil.which("chromium"),
+                                             args=["--no-sandbox", "--disable-gpu", "--disable-background-networking"])
+        page = browser.new_page(viewport={"width": 1400, "height": 1000})
+        page.goto(url)
+        page.get_by_text("encoder.lr", exact=True).first.wait_for(timeout=60_000)
+        text = page.inner_text("body")
+        page.wait_for_timeout(5000)   # the parallel-coordinates chart draws after the tables
+        page.screenshot(path=str(SCREENSHOTS / "mlflow_compare.png") if SCREENSHOTS else
+                        str(tmp_path / "mlflow_compare.png"))
+        browser.close()
     assert "lr2" in text and "lr05" in text
     assert "0.002" in text and "0.0005" in text
     assert "R_at_1" in text
