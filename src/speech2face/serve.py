@@ -32,7 +32,7 @@ from starlette.concurrency import run_in_threadpool
 
 from speech2face.core.tables import OK, read_table
 from speech2face.data.face_files import FaceArrays
-from speech2face.evaluation.metrics import identity_gallery
+from speech2face.evaluation.metrics import identity_gallery, unit
 from speech2face.evaluation.retrieval import top_k
 from speech2face.models.face_decoder import FaceDecoder
 from speech2face.models.voice_encoder import VoiceEncoder
@@ -40,11 +40,6 @@ from speech2face.voice_to_face import MAX_SECONDS, VoiceError, predict_face
 
 MAX_UPLOAD_BYTES = 100 * 2**20      # a 10-minute WAV at 44.1 kHz stereo is 106 MB; compressed files are far smaller
 NEIGHBOURS = 5
-
-
-def _unit(rows: np.ndarray) -> np.ndarray:
-    rows = np.asarray(rows, np.float32)
-    return rows / np.maximum(np.linalg.norm(rows, axis=-1, keepdims=True), 1e-12)
 
 
 def png_data_url(image: np.ndarray) -> str:
@@ -79,7 +74,7 @@ def load_gallery(faces_dir: str | Path, split: str = "test") -> Gallery | None:
     first_row = {identity: i for i, identity in reversed(list(enumerate(usable["identity"])))}
     crops = [arrays.row("crops", usable.loc[first_row[name], "shard"], usable.loc[first_row[name], "row"])
              for name in names]
-    return Gallery(names, _unit(gallery), crops, split)
+    return Gallery(names, unit(gallery), crops, split)
 
 
 class FaceService:
@@ -115,7 +110,7 @@ class FaceService:
     def neighbours(self, feature: np.ndarray) -> list[dict]:
         if self.gallery is None:
             return []
-        query = _unit(feature[None])
+        query = unit(feature[None])
         nearest = top_k(query, self.gallery.features, NEIGHBOURS)[0]
         similarity = self.gallery.features[nearest] @ query[0]
         return [{"identity": str(self.gallery.identities[i]), "similarity": round(float(s), 3),

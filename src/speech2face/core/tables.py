@@ -30,8 +30,8 @@ def table_writer(path: str | Path, columns: Sequence[str],
     ``write_table(pd.DataFrame(rows, columns=columns), path)`` without holding every row.
 
     pandas formats each value on its own (a float column's ``1.5``, an empty cell for None or
-    NaN), so cutting the rows into chunks changes no byte; tests/data/test_rows_fuzz.py
-    compares the two. Like ``write_table``, the file appears only when the block succeeds.
+    NaN), so cutting the rows into chunks changes no byte (tests/data/test_download_scale.py
+    compares the two across chunk edges). Like ``write_table``, the file appears only when the block succeeds.
     """
     chunk: list[dict[str, Any]] = []
     with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8", newline="") as out:

@@ -123,9 +123,9 @@ def pipeline_run_id(experiment_id: str, tags: dict[str, str], params: dict[str, 
 
 
 @contextlib.contextmanager
-def start_run(stage: str, extra_params: dict | None = None):
+def start_run(stage: str):
     """An active MLflow run of ``stage``, nested under its pipeline run, with every param of
-    the pipeline (``section.key``) and ``extra_params`` logged. Yields the parent run's id."""
+    the pipeline (``section.key``) logged. Yields the parent run's id."""
     import mlflow
 
     experiment_id = use_experiment()
@@ -134,7 +134,7 @@ def start_run(stage: str, extra_params: dict | None = None):
     parent = pipeline_run_id(experiment_id, tags, params)
     with mlflow.start_run(run_name=f"{stage}:{tags['dvc_experiment']}",
                           tags={**tags, "mlflow.parentRunId": parent}):
-        mlflow.log_params({**params, **flatten(extra_params or {})})
+        mlflow.log_params(params)
         yield parent
 
 
