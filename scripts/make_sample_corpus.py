@@ -3,8 +3,9 @@
     .venv/bin/python scripts/make_sample_corpus.py
 
 Needs espeak-ng, ffmpeg and the real portraits in ../shared/media/faces/ (see
-data/sample/README.md). Writes data/sample/videos/*.mp4, avspeech_sample.csv and
-identities.csv; the README is hand-written and left alone.
+data/sample/README.md). Writes data/sample/videos/*.mp4, avspeech_sample.csv,
+avspeech_sample_test.csv, identities.csv and transcripts.csv; the README is hand-written and
+left alone.
 """
 
 from __future__ import annotations

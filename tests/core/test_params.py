@@ -50,6 +50,9 @@ def test_absent_keys_take_defaults_and_types_are_converted() -> None:
     (FacesConfig, {"upsample": 4}, "faces.upsample = 4: expected an integer from 0 to 3"),
     (FacesConfig, {"max_centre_offset": 0}, "faces.max_centre_offset = 0: expected a number > 0"),
     (FacesConfig, {"split_fractions": "0.7"}, "faces.split_fractions = '0.7': expected [train, val, test]"),
+    (FacesConfig, {"split_by": "speaker"}, "faces.split_by = 'speaker': expected one of ['video', 'csv']"),
+    (FacesConfig, {"split_by": "csv", "test_csv": "/absent/avspeech_test.csv"},
+     "faces.test_csv = '/absent/avspeech_test.csv': expected an existing AVSpeech-format CSV"),
     (DownloadConfig, {"allow_file_urls": "yes"}, "download.allow_file_urls = 'yes': expected true or false"),
     (EncoderConfig, {"beta2": 1.5}, "encoder.beta1"),   # beta checks name beta1 (both must be in (0, 1))
     (DecoderConfig, {"identity_net": "arcface"}, "decoder.identity_net = 'arcface': expected one of"),

@@ -168,7 +168,7 @@ def test_transient_errors_are_retried_with_backoff(media_server: MediaServer, tm
 
 
 def test_kill_and_resume(media_server: MediaServer, tmp_path: Path) -> None:
-    ids = [f"vid{i}" for i in range(4)]
+    ids = [f"vid{i}" for i in range(6)]
     write_csv(tmp_path / "rows.csv", [f"{v},1.0,4.0,0.5,0.5" for v in ids])
     (tmp_path / "params.yaml").write_text(yaml.safe_dump({"download": {
         "csv": "rows.csv", "limit": None, "url_template": media_server.template("slow"),
@@ -180,11 +180,13 @@ def test_kill_and_resume(media_server: MediaServer, tmp_path: Path) -> None:
 
     first = subprocess.Popen([sys.executable, str(STAGE)], cwd=tmp_path, start_new_session=True,
                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    # kill once a clip is finished while another is in flight: between two clips a worker holds no
+    # temp folder (it is resolving the next video), so waiting for the first final name alone races
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline and first.poll() is None:
-        if clips.is_dir() and _final_clips(clips):
+        if clips.is_dir() and _final_clips(clips) and list(clips.glob(".tmp-*")):
             break
-        time.sleep(0.02)
+        time.sleep(0.01)
     with contextlib.suppress(ProcessLookupError):  # (gone already: the assertion below says so)
         os.killpg(first.pid, signal.SIGKILL)  # the stage and its ffmpeg children, no clean-up
     first.wait()

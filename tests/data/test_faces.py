@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -21,12 +23,14 @@ from speech2face.data import extract_files as extracted
 from speech2face.data import split
 from speech2face.data.face_backends import make_backend
 from speech2face.data.face_analysis import FaceAnalyzer
+from speech2face.core.errors import DataError, MissingInputError
 from speech2face.core.params import ParamsError, build_config
 from speech2face.data import face_files
 from speech2face.core import engine as engines
 from speech2face.core.workers import WorkerPool
 from speech2face.data.extract_files import downstream_shards
-from speech2face.data.faces import FacesConfig, analyse_task, crashed_clip, faces_shard, init_worker, run_faces
+from speech2face.data.faces import (FacesConfig, analyse_task, check_csv_split, crashed_clip, faces_shard,
+                                    init_worker, read_test_split, run_faces, split_column)
 from speech2face.core.tables import read_table
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -98,6 +102,67 @@ def test_bad_split_fractions() -> None:
     for bad in ([0.7, 0.3], [0.5, 0.5, 0.5], [1.2, -0.1, -0.1], [float("nan"), 0.5, 0.5]):
         with pytest.raises(ValueError, match="split fractions"):
             split.check_fractions(bad)
+
+
+def _index(identities: list[str], statuses: list[str]) -> pd.DataFrame:
+    return pd.DataFrame({"identity": identities, "status": statuses})
+
+
+def test_split_column_by_video_is_the_hash_split_of_the_usable_identities() -> None:
+    ids = [f"vid{i:03d}" for i in range(200)]
+    index = _index(ids + ids[:50] + ["gone1", "gone2"], ["ok"] * 200 + ["failed"] * 52)
+    expected = split.assign_splits(ids, (0.7, 0.1, 0.2), 0)
+    column = split_column(index, [0.7, 0.1, 0.2], 0)
+    assert column[:250] == [expected[i] for i in ids + ids[:50]]
+    assert column[250:] == [split.split_of_unit(split.identity_unit(i, 0), (0.7, 0.1, 0.2)) for i in ("gone1", "gone2")]
+
+
+def test_split_column_by_csv_puts_every_test_id_in_test() -> None:
+    ids = [f"vid{i:03d}" for i in range(200)]
+    test_ids = frozenset(ids[::5] + ["gone1", "elsewhere"])   # gone1: in the index, no usable face
+    index = _index(ids + ["gone1", "gone2"], ["ok"] * 200 + ["skipped", "failed"])
+    column = dict(zip(index["identity"], split_column(index, [0.7, 0.1, 0.2], 0, test_ids)))
+    assert {i for i, s in column.items() if s == "test"} == set(ids[::5]) | {"gone1"}
+    assert column == {**split.assign_splits_by_test_ids(ids, test_ids, (0.7, 0.1, 0.2), 0),
+                      "gone1": "test", "gone2": split.split_outside_test(split.identity_unit("gone2", 0),
+                                                                         (0.7, 0.1, 0.2))}
+    # the train guarantee counts usable identities only: one usable identity outside the
+    # list, hashed into val, moves to train even though an unusable one is in train
+    in_val = next(i for i in (f"v{k}" for k in range(400)) if split.identity_unit(i, 0) >= 0.875)
+    in_train = next(i for i in (f"w{k}" for k in range(400)) if split.identity_unit(i, 0) < 0.875)
+    small = _index(["t1", in_val, in_train], ["ok", "ok", "failed"])
+    assert split_column(small, [0.7, 0.1, 0.2], 0, frozenset({"t1"})) == ["test", "train", "train"]
+
+
+def test_test_csv_ids_bad_rows_and_hash(tmp_path) -> None:
+    path = tmp_path / "test.csv"
+    path.write_text("aaaaaaaaaaa,0,3,0.5,0.5\naaaaaaaaaaa,4,6,0.5,0.5\n\n-bbbbbbbbbb,1,2,0.4,0.6\n"
+                    "../../etc/passwd,0,1,0.5,0.5\nccccccccccc,5,1,0.5,0.5\nshort,row\n")
+    test_split = read_test_split(path)
+    assert test_split.ids == {"aaaaaaaaaaa", "-bbbbbbbbbb"}
+    assert test_split.unusable_rows == 3   # unsafe id, end before start, 2 fields
+    assert test_split.sha256 == hashlib.sha256(path.read_bytes()).hexdigest()
+    path.write_text("youtube_id,start,end,x,y\n")   # a header and nothing else
+    with pytest.raises(DataError, match="has no usable AVSpeech row .*1 unusable"):
+        read_test_split(path)
+    with pytest.raises(MissingInputError, match="faces.test_csv"):
+        read_test_split(tmp_path / "absent.csv")
+
+
+def test_csv_split_refuses_an_empty_test_or_train(tmp_path) -> None:
+    path = tmp_path / "test.csv"
+    path.write_text("aaaaaaaaaaa,0,3,0.5,0.5\nbbbbbbbbbbb,0,3,0.5,0.5\n")
+    test_split = read_test_split(path)
+    check_csv_split({"aaaaaaaaaaa", "ccccccccccc"}, test_split, (0.7, 0.1, 0.2), "videos")
+    check_csv_split(set(), test_split, (0.7, 0.1, 0.2), "videos")   # no data: another stage's error
+    with pytest.raises(DataError) as caught:
+        check_csv_split({"ccccccccccc", "ddddddddddd"}, test_split, (0.7, 0.1, 0.2), "videos")
+    message = str(caught.value)
+    assert "\n" not in message and str(path) in message and "none of the 2 videos" in message
+    assert "cat avspeech_train.csv avspeech_test.csv > all.csv" in message
+    with pytest.raises(DataError, match="all 2 videos are in faces.test_csv .*nothing is left to train on"):
+        check_csv_split({"aaaaaaaaaaa", "bbbbbbbbbbb"}, test_split, (0.7, 0.1, 0.2), "videos")
+    check_csv_split({"aaaaaaaaaaa", "bbbbbbbbbbb"}, test_split, (0.0, 0.5, 0.5), "videos")   # no train wanted
 
 
 # ------------------------------------------------------------------------- stage
@@ -201,6 +266,7 @@ def test_stage_outputs(extract_dir, first_run) -> None:
 
     meta = json.loads((out / "meta.json").read_text())
     assert (meta["backend"], meta["dim"], meta["crop_size"]) == ("dlib128", 128, 224)
+    assert meta["split_by"] == "video" and "test_csv_sha256" not in meta
     assert "seconds_per_clip" not in meta  # machine-dependent: printed, never in the DVC output
 
 
@@ -222,6 +288,73 @@ def test_stage_resumes(extract_dir, first_run, capsys) -> None:
     assert (out / "crops-00000.npy").stat().st_mtime_ns == stamps[out / "crops-00000.npy"]
     assert np.load(out / "features-00001.npy").shape == (2, 128)
     assert "4 reused" in capsys.readouterr().out
+
+
+TEST_CSV = ("bidenBBBBBB,0,3,0.5,0.15\n"
+            "bidenCCCCCC,0,3,0.5,0.3\n"
+            "greyGGGGGGG,0,3,0.5,0.5\n"      # in the index, no usable face
+            "notInIndex1,1,2,0.5,0.5\n"      # not downloaded: ignored
+            "../../etc/passwd,0,1,0.5,0.5\n"  # unusable rows name no test id
+            "bad,row\n")
+
+
+def test_stage_takes_the_test_split_from_a_csv(extract_dir, first_run, tmp_path, capsys) -> None:
+    out = tmp_path / "faces"
+    shutil.copytree(first_run[0], out)
+    test_csv = tmp_path / "avspeech_test.csv"
+    test_csv.write_text(TEST_CSV)
+    capsys.readouterr()
+    index = run_faces(extract_dir, out, _config(split_by="csv", test_csv=str(test_csv)))
+    printed = capsys.readouterr().out
+    assert "0 done, 7 reused" in printed   # the split comes after the face work: nothing analysed again
+    assert f"test split from {test_csv}: 4 ids, 2 unusable rows" in printed
+    assert "identities with a usable face: train 2, val 0, test 2" in printed
+
+    # only the split differs from the video run, and it is by identity
+    pd.testing.assert_frame_equal(index.drop(columns="split"), first_run[1].drop(columns="split"))
+    splits = dict(zip(index["identity"], index["split"]))
+    assert index.groupby("identity")["split"].nunique().max() == 1
+    assert {i for i, s in splits.items() if s == "test"} == {"bidenBBBBBB", "bidenCCCCCC", "greyGGGGGGG"}
+    assert {splits[i] for i in ("obamaAAAAAA", "duoDDDDDDDD", "junkJJJJJJJ")} <= {"train", "val"}
+    on_disk = read_table(out / "index.csv")
+    assert list(on_disk["split"]) == list(index["split"])
+
+    meta = json.loads((out / "meta.json").read_text())
+    assert meta["split_by"] == "csv" and meta["test_csv_ids"] == 4
+    assert meta["test_csv_sha256"] == hashlib.sha256(test_csv.read_bytes()).hexdigest()
+
+    # another test CSV is another output; back to video, the video run's files again
+    test_csv.write_text("bidenBBBBBB,0,3,0.5,0.15\n")
+    index = run_faces(extract_dir, out, _config(split_by="csv", test_csv=str(test_csv)))
+    assert dict(zip(index["identity"], index["split"]))["bidenCCCCCC"] in ("train", "val")
+    assert json.loads((out / "meta.json").read_text())["test_csv_sha256"] == hashlib.sha256(
+        b"bidenBBBBBB,0,3,0.5,0.15\n").hexdigest()
+    run_faces(extract_dir, out, _config(test_csv=str(tmp_path / "absent.csv")))   # not read by split_by video
+    for name in ("index.csv", "meta.json"):
+        assert (out / name).read_bytes() == (first_run[0] / name).read_bytes(), name
+
+
+def test_stage_refuses_a_test_csv_that_leaves_test_or_train_empty(extract_dir, first_run, tmp_path) -> None:
+    test_csv = tmp_path / "avspeech_test.csv"
+    # none of the downloaded videos in the test CSV: refused before any face work
+    test_csv.write_text("notInIndex1,1,2,0.5,0.5\n")
+    with pytest.raises(DataError, match="none of the 6 videos the extract stage could use is in faces.test_csv"):
+        run_faces(extract_dir, tmp_path / "never", _config(split_by="csv", test_csv=str(test_csv)))
+    # every video in it (the test CSV downloaded alone): nothing to train on
+    test_csv.write_text("".join(f"{i},0,3,0.5,0.5\n" for i in ("obamaAAAAAA", "greyGGGGGGG", "bidenBBBBBB",
+                                                                 "duoDDDDDDDD", "bidenCCCCCC", "junkJJJJJJJ")))
+    with pytest.raises(DataError, match="all 6 videos .* nothing is left to train on"):
+        run_faces(extract_dir, tmp_path / "never", _config(split_by="csv", test_csv=str(test_csv)))
+    assert not (tmp_path / "never").exists()
+    # the test videos are there but none has a usable face: found after the face work, and
+    # no index.csv is written
+    out = tmp_path / "faces"
+    shutil.copytree(first_run[0], out)
+    (out / "index.csv").unlink()
+    test_csv.write_text("greyGGGGGGG,0,3,0.5,0.5\njunkJJJJJJJ,0,3,0.5,0.5\n")
+    with pytest.raises(DataError, match="none of the 4 identities with a usable face is in faces.test_csv"):
+        run_faces(extract_dir, out, _config(split_by="csv", test_csv=str(test_csv)))
+    assert not (out / "index.csv").exists()
 
 
 @needs_media
@@ -254,6 +387,8 @@ def test_stage_with_vggface_backend(tmp_path) -> None:
 
 def test_stage_bad_params(tmp_path) -> None:
     (tmp_path / "extracted").mkdir()
+    test_csv = tmp_path / "test.csv"
+    test_csv.write_text("aaaaaaaaaaa,0,3,0.5,0.5\n")
     cases = [
         ({"backend": "facenet"}, "faces.backend = 'facenet'"),
         ({"backend": "vggface4096"}, "faces.vggface_weights = None"),
@@ -262,9 +397,14 @@ def test_stage_bad_params(tmp_path) -> None:
         ({"split_fractions": [0.5, 0.6, 0.2]}, "sum to 1"),
         ({"workers": 0}, "faces.workers"),
         ({"upsample": 9}, "faces.upsample"),
+        ({"split_by": "speaker"}, "faces.split_by = 'speaker': expected one of ['video', 'csv']"),
+        ({"split_by": "csv", "test_csv": str(tmp_path / "absent.csv")}, "faces.test_csv"),
+        ({"split_by": "csv", "test_csv": str(tmp_path)}, "faces.test_csv"),   # a folder
+        ({"split_by": "csv", "test_csv": str(test_csv), "split_fractions": [0, 0, 1]},
+         "faces.split_fractions = [0.0, 0.0, 1.0]: expected a train or val fraction > 0 when split_by is csv"),
     ]
     for change, message in cases:
-        with pytest.raises(ParamsError, match=message.replace(".", r"\.").replace("(", r"\(")):
+        with pytest.raises(ParamsError, match=re.escape(message)):
             run_faces(tmp_path / "extracted", tmp_path / "out", _config(**change))
     with pytest.raises(FileNotFoundError, match="run the extract stage first"):
         run_faces(tmp_path / "absent", tmp_path / "out", _config())

@@ -30,7 +30,7 @@ from speech2face.sample_corpus.speech import (
 from speech2face.sample_corpus.video import mux_video
 from speech2face.sample_corpus.corpus import (
     BAD_INDEX_BASE, BAD_KINDS, CLIPS_PER_IDENTITY, DEFAULT_SEED, HOSTILE_PATH_ID, HOSTILE_SHELL_ID,
-    N_IDENTITIES, CorpusBuilder, format_row, has_distractor, write_csv)
+    N_IDENTITIES, TEST_EVERY, CorpusBuilder, format_row, has_distractor, is_test_identity, write_csv)
 from speech2face.data.avspeech import BadRow, ClipRow, read_csv
 from speech2face.core.fsutil import is_safe_id
 from speech2face.data.media import MediaError, probe
@@ -120,6 +120,17 @@ def test_csv_is_avspeech_format_without_header(rows):
     # 270 identity rows + the 5 bad rows that are well-formed (their problem is the media)
     assert len(good) == N_IDENTITIES * CLIPS_PER_IDENTITY + 5
     assert sorted(r.reason.split(":")[0] for r in bad) == ["malformed_row", "unsafe_id", "unsafe_id"]
+
+
+def test_test_csv_is_the_rows_of_every_fifth_identity(identities):
+    """avspeech_sample_test.csv (faces.split_by: csv) holds, line for line, the main CSV's
+    rows of identities 4, 9, ..., 89, as the generator writes it."""
+    test_ids = set(identities.loc[[is_test_identity(i) for i in identities["index"]], "youtube_id"])
+    assert len(test_ids) == N_IDENTITIES // TEST_EVERY
+    expected = [line for line in CSV_PATH.read_text(encoding="utf-8").splitlines(keepends=True)
+                if line.split(",")[0] in test_ids]
+    assert len(expected) == len(test_ids) * CLIPS_PER_IDENTITY
+    assert (SAMPLE / "avspeech_sample_test.csv").read_text(encoding="utf-8") == "".join(expected), REGENERATE
 
 
 def test_ninety_identities_with_three_segments_of_one_video_each(good_rows, identities):

@@ -11,7 +11,8 @@ Per extract shard ``shard-NNNNN`` (only the clips the extract stage could use):
 and at the end:
   index.csv             all shard tables in order + ``shard`` + ``split`` (train/val/test by
                         identity = YouTube video id; speech2face.data.split)
-  meta.json             backend, dim, crop size, detector settings
+  meta.json             backend, dim, crop size, detector settings, split settings (with
+                        split_by csv: the test CSV's sha256 and number of ids)
   config.json           params + code fingerprint the shards were made with: a change wipes them
 
 Every reader of these files (pairs for the encoder, faces for the decoder, crops for the

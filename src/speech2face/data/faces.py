@@ -1,9 +1,11 @@
 """The faces stage: extracted frames -> aligned face crops, landmarks and features, and the splits.
 
 Files (format: speech2face.data.face_files) per extract shard, then ``index.csv`` with the
-train/val/test split of every identity and ``meta.json``. How faces are found, chosen,
-aligned and combined over frames: speech2face.data.face_analysis; the feature networks:
-speech2face.data.face_backends.
+train/val/test split of every identity and ``meta.json``. The split is by the hash of the
+identity (``split_by: video``), or takes the test split from a second AVSpeech-format CSV
+(``split_by: csv``, AVSpeech's own held-out ``avspeech_test.csv``; see
+speech2face.data.split). How faces are found, chosen, aligned and combined over frames:
+speech2face.data.face_analysis; the feature networks: speech2face.data.face_backends.
 
 ``faces_shard`` is the unit of work (speech2face.core.runner). With the local engine the
 shards run in this process, one after another, and their clips are analysed on ``workers``
@@ -14,6 +16,7 @@ shard is a cluster task that analyses its clips in turn in the worker's process.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import sys
 import threading
@@ -28,18 +31,20 @@ import pandas as pd
 
 from speech2face.core import engine as engines
 from speech2face.core import shards
+from speech2face.core.errors import DataError, MissingInputError
 from speech2face.core.fsutil import atomic_path
-from speech2face.core.params import bad_value, setting
+from speech2face.core.params import bad_value, check, setting
 from speech2face.core.runner import PoolSpec, Shard, ShardedConfig, ShardedStage, run_sharded
 from speech2face.core.tables import FAILED, OK, SKIPPED, write_table
 from speech2face.core.workers import WorkerPool, in_process_map
-from speech2face.data import extract_files, face_analysis, face_backends, face_files, split
+from speech2face.data import avspeech, extract_files, face_analysis, face_backends, face_files, split
 from speech2face.data.face_analysis import DETECTORS, EMBED_FRAMES, ClipFaces, FaceAnalyzer, combine_features
 from speech2face.data.face_backends import BACKENDS, FaceBackend, make_backend
 from speech2face.data.face_files import INDEX_COLUMNS, N_LANDMARKS, TABLE_COLUMNS, array_path, expected_shapes
 from speech2face.models.dlib import chips, file_format, network
 
 SKIP_REASONS = ("no_face", "face_far_from_centre")   # skipped (the data), not failed (the code)
+SPLIT_BY = ("video", "csv")   # video: hash of the video id | csv: test = the ids of faces.test_csv
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -58,6 +63,9 @@ class FacesConfig(ShardedConfig):
     crop_size: int = setting(224, minimum=32)
     split_fractions: tuple[float, ...] = setting((0.7, 0.1, 0.2), expected="[train, val, test] fractions")
     split_seed: int = setting(0)
+    split_by: str = setting("video", choices=SPLIT_BY)
+    test_csv: str = setting("data/sample/avspeech_sample_test.csv",
+                            expected="the path of an AVSpeech-format CSV (youtube_id,start,end,x,y)")
 
     def check(self) -> None:
         super().check()
@@ -77,6 +85,13 @@ class FacesConfig(ShardedConfig):
         except (TypeError, ValueError) as error:
             raise bad_value(section, "split_fractions", list(self.split_fractions),
                             f"[train, val, test] fractions ({error})") from None
+        if self.split_by == "csv":
+            check(Path(self.test_csv).is_file(), section, "test_csv", self.test_csv,
+                  "an existing AVSpeech-format CSV (youtube_id,start,end,x,y) when split_by is csv")
+            # test is what the CSV says; everybody else needs somewhere to go
+            check(self.split_fractions[0] + self.split_fractions[1] > 0, section, "split_fractions",
+                  list(self.split_fractions), "a train or val fraction > 0 when split_by is csv "
+                  "(the test fraction is then ignored: the test CSV makes the test split)")
 
     def analyzer_settings(self) -> "AnalyzerSettings":
         in_worker = face_backends.backend_class(self.backend).in_worker
@@ -288,15 +303,77 @@ def faces_shard(shard: Shard, out_dir: Path, pool: WorkerPool | None, bar, extra
 
 # ------------------------------------------------------------------------- the stage
 
-def split_column(index: pd.DataFrame, fractions: Sequence[float], seed: int) -> list[str]:
-    """Split of each row's identity. The non-empty train/test guarantee (speech2face.data.split)
-    is applied among identities with at least one usable face, so that it guarantees data;
-    identities without one follow the plain hash rule."""
+@dataclass(frozen=True)
+class CsvTestSplit:
+    """The test split of ``split_by: csv``: the video ids of an AVSpeech-format CSV."""
+    path: str
+    ids: frozenset[str]
+    unusable_rows: int   # rows the CSV reader refused (BadRow): they name no test id
+    sha256: str          # of the file, for meta.json: another test CSV is another output
+
+
+def read_test_split(path: str | Path) -> CsvTestSplit:
+    ids, unusable = set(), 0
+    digest = hashlib.sha256()
+    try:
+        for row in avspeech.iter_csv(path):
+            if isinstance(row, avspeech.ClipRow):
+                ids.add(row.youtube_id)
+            else:
+                unusable += 1
+        with open(path, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                digest.update(chunk)
+    except OSError as error:
+        raise MissingInputError(f"faces.test_csv {path}: cannot read it ({error.strerror or error})") from None
+    if not ids:
+        raise DataError(f"faces.test_csv {path} has no usable AVSpeech row (youtube_id,start,end,x,y; "
+                        f"{unusable} unusable)")
+    return CsvTestSplit(str(path), frozenset(ids), unusable, digest.hexdigest())
+
+
+def check_csv_split(identities: set[str], test_split: CsvTestSplit, fractions: Sequence[float],
+                    which: str) -> None:
+    """Refuse a test split from the CSV that leaves test, or train, empty.
+
+    The hash split moves an identity into an empty test split (speech2face.data.split); the
+    CSV split cannot, or a person of the training videos could be tested on. An empty test
+    split means the download CSV lacks the test CSV's rows (the usual slip: downloading
+    avspeech_train.csv alone), and the run would go on for hours before evaluate found no
+    test pairs: say so here, once before the face work and once after it (its clips may have
+    no usable face). No identity at all is another stage's problem; it passes here."""
+    if not identities:
+        return
+    in_test = identities & test_split.ids
+    if not in_test:
+        raise DataError(f"none of the {len(identities)} {which} is in faces.test_csv {test_split.path} "
+                        f"({len(test_split.ids)} ids), so the test split would be empty: the download CSV "
+                        f"needs the test CSV's rows too (cat avspeech_train.csv avspeech_test.csv > all.csv)")
+    if fractions[0] > 0 and in_test == identities:
+        raise DataError(f"all {len(identities)} {which} are in faces.test_csv {test_split.path}, so nothing is "
+                        f"left to train on: the download CSV needs training rows besides the test CSV's")
+
+
+def split_column(index: pd.DataFrame, fractions: Sequence[float], seed: int,
+                 test_ids: frozenset[str] | None = None) -> list[str]:
+    """Split of each row's identity: by hash, or with ``test_ids`` the ids of the test CSV
+    in test and the others by hash into train/val. The non-empty guarantees
+    (speech2face.data.split) are applied among identities with at least one usable face, so
+    that they guarantee data; identities without one follow the plain rule."""
     usable = sorted(set(index.loc[index["status"] == OK, "identity"]))
-    assigned = split.assign_splits(usable, fractions, seed)
     fractions = split.check_fractions(fractions)
-    return [assigned.get(identity) or split.split_of_unit(split.identity_unit(identity, seed), fractions)
-            for identity in index["identity"]]
+    if test_ids is None:
+        assigned = split.assign_splits(usable, fractions, seed)
+    else:
+        assigned = split.assign_splits_by_test_ids(usable, test_ids, fractions, seed)
+
+    def plain_rule(identity: str) -> str:
+        u = split.identity_unit(identity, seed)
+        if test_ids is None:
+            return split.split_of_unit(u, fractions)
+        return "test" if identity in test_ids else split.split_outside_test(u, fractions)
+
+    return [assigned.get(identity) or plain_rule(identity) for identity in index["identity"]]
 
 
 def run_faces(extract_dir: Path, out_dir: Path, config: FacesConfig) -> pd.DataFrame:
@@ -304,6 +381,10 @@ def run_faces(extract_dir: Path, out_dir: Path, config: FacesConfig) -> pd.DataF
     extract_dir, out_dir = Path(extract_dir), Path(out_dir)
     planned = extract_files.downstream_shards(extract_dir)
     backend_class = face_backends.backend_class(config.backend)
+    test_split = read_test_split(config.test_csv) if config.split_by == "csv" else None
+    if test_split is not None:
+        videos = {str(identity) for shard in planned for identity in shard.rows["youtube_id"]}
+        check_csv_split(videos, test_split, config.split_fractions, "videos the extract stage could use")
     # A large backend (VGG-Face) is built here once, which also checks its weights
     # (BackendError) before any work; the small ones are built inside the workers.
     parent_backend(config.backend, config.vggface_weights)
@@ -321,7 +402,11 @@ def run_faces(extract_dir: Path, out_dir: Path, config: FacesConfig) -> pd.DataF
                                                 file_format, network, chips)})
     done = run_sharded(stage, TABLE_COLUMNS + ["shard"])
     index = done.index
-    index["split"] = split_column(index, config.split_fractions, config.split_seed) if len(index) else []
+    test_ids = test_split.ids if test_split is not None else None
+    index["split"] = split_column(index, config.split_fractions, config.split_seed, test_ids) if len(index) else []
+    if test_split is not None:
+        usable = {str(identity) for identity in index.loc[index["status"] == OK, "identity"]}
+        check_csv_split(usable, test_split, config.split_fractions, "identities with a usable face")
     write_table(index[INDEX_COLUMNS], out_dir / "index.csv")
     _print_timings(done.extras.values())
     meta = {
@@ -330,11 +415,24 @@ def run_faces(extract_dir: Path, out_dir: Path, config: FacesConfig) -> pd.DataF
         "upsample": config.upsample, "embed_frames": config.embed_frames,
         "canonical_points": np.round(face_analysis.CANONICAL_POINTS * config.crop_size, 3).tolist(),
         "split_fractions": list(config.split_fractions), "split_seed": config.split_seed,
+        "split_by": config.split_by,
     }
+    if test_split is not None:
+        meta.update(test_csv_sha256=test_split.sha256, test_csv_ids=len(test_split.ids))
+        _print_csv_split(index, test_split)
     with atomic_path(out_dir / "meta.json") as tmp:
         tmp.write_text(json.dumps(meta, indent=1) + "\n")
     done.summary.print()
     return index
+
+
+def _print_csv_split(index: pd.DataFrame, test_split: CsvTestSplit) -> None:
+    """What the test CSV gave, and the rows it could not use (they name no test id)."""
+    usable = index[index["status"] == OK].drop_duplicates("identity")
+    counts = usable["split"].value_counts()
+    print(f"faces: test split from {test_split.path}: {len(test_split.ids)} ids, "
+          f"{test_split.unusable_rows} unusable rows; identities with a usable face: "
+          + ", ".join(f"{name} {int(counts.get(name, 0))}" for name in split.SPLITS), flush=True)
 
 
 def _print_timings(per_shard) -> None:

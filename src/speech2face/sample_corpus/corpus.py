@@ -48,6 +48,15 @@ from speech2face.sample_corpus.video import CsvRow, Video, write_video
 DEFAULT_SEED = 20190524          # Speech2Face's arXiv date; any fixed value works
 N_IDENTITIES = 90
 CLIPS_PER_IDENTITY = 3
+# avspeech_sample_test.csv, the sample's stand-in for AVSpeech's test CSV (faces.split_by:
+# csv): every fifth identity (index 4, 9, ...), 20 % as the default test fraction. Chosen by
+# index, not by the split's hash: test ids picked by the hash would be the ids with the
+# largest u, and the rest, cut by the same u, would all fall into train (no validation).
+TEST_EVERY = 5
+
+
+def is_test_identity(index: int) -> bool:
+    return index % TEST_EVERY == TEST_EVERY - 1
 
 
 # --------------------------------------------------------------------------- CSV
@@ -232,7 +241,8 @@ def _run_task(task: tuple[str, int, str]) -> tuple[list[list[str]], IdentityReco
 def generate(out_dir: str | Path, faces_dir: str | Path, seed: int = DEFAULT_SEED,
              n_identities: int = N_IDENTITIES, workers: int = 2) -> dict:
     """Write the whole corpus to ``out_dir``: videos/, avspeech_sample.csv, identities.csv
-    (ground-truth latent and voice per identity) and transcripts.csv.
+    (ground-truth latent and voice per identity), transcripts.csv and avspeech_sample_test.csv
+    (the rows of the test identities, ``is_test_identity``).
 
     The videos folder is rebuilt from scratch so no stale video survives. Identities are
     built in parallel; every one draws from its own random streams, so the output does not
@@ -267,6 +277,9 @@ def generate(out_dir: str | Path, faces_dir: str | Path, seed: int = DEFAULT_SEE
     rows = [row for task_rows, _ in results for row in task_rows]
     records = [record for _, record in results if record is not None]
     write_csv(rows, out_dir / "avspeech_sample.csv")
+    write_csv([row for (kind, index, _), (task_rows, _) in zip(tasks, results)
+               if kind == "identity" and is_test_identity(index) for row in task_rows],
+              out_dir / "avspeech_sample_test.csv")
     write_identities(records, out_dir / "identities.csv")
     write_transcripts(records, out_dir / "transcripts.csv")
     total_bytes = sum(p.stat().st_size for p in out_dir.rglob("*") if p.is_file())
