@@ -84,19 +84,27 @@ def windows(samples: np.ndarray, n: int, max_windows: int) -> list[np.ndarray]:
     return [samples[s:s + n] for s in starts]
 
 
-def predict_face(path: str | Path, encoder: VoiceEncoder, decoder: FaceDecoder,
-                 settings: SpectrogramSettings, max_windows: int = 8, max_seconds: float = MAX_SECONDS) -> Prediction:
-    samples = load_voice(path, settings.sample_rate, max_seconds)
+def encode_voice(samples: np.ndarray, encoder: VoiceEncoder, settings: SpectrogramSettings,
+                 max_windows: int = 8) -> tuple[torch.Tensor, int]:
+    """(the encoder's face feature of the voice (dim,), windows averaged): float samples at
+    ``settings.sample_rate`` (``load_voice``), each window's spectrogram through the encoder."""
     chunks = windows(samples, settings.n_samples, max_windows)
     spectrograms = torch.from_numpy(spectrogram_batch(chunks, settings))
     if spectrograms.shape[-2] != encoder.n_freq:
         raise VoiceError(f"the encoder expects {encoder.n_freq} frequencies, the spectrogram settings give "
                          f"{spectrograms.shape[-2]}")
     encoder.eval()
+    with torch.no_grad():
+        return encoder(spectrograms).float().mean(dim=0), len(chunks)
+
+
+def predict_face(path: str | Path, encoder: VoiceEncoder, decoder: FaceDecoder,
+                 settings: SpectrogramSettings, max_windows: int = 8, max_seconds: float = MAX_SECONDS) -> Prediction:
+    samples = load_voice(path, settings.sample_rate, max_seconds)
+    feature, n_windows = encode_voice(samples, encoder, settings, max_windows)
     decoder.eval()
     with torch.no_grad():
-        feature = encoder(spectrograms).float().mean(dim=0, keepdim=True)
-        output = decoder(feature)
-    return Prediction(image=to_uint8(output["image"])[0], feature=feature[0].numpy(),
+        output = decoder(feature[None])
+    return Prediction(image=to_uint8(output["image"])[0], feature=feature.numpy(),
                       landmarks=output["landmarks"][0].numpy() * (decoder.image_size - 1),
-                      windows=len(chunks), seconds=len(samples) / settings.sample_rate)
+                      windows=n_windows, seconds=len(samples) / settings.sample_rate)
