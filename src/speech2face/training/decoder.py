@@ -189,7 +189,9 @@ def train_decoder(config: DecoderConfig, train: Faces, val: Faces | None, checkp
     model = FaceDecoder(in_dim=train.features.shape[1], width=config.width, image_size=train.crop_size,
                         mean_landmarks=torch.from_numpy(mean), mean_texture=train_data.textures.mean(dim=0),
                         feature_mean=rescaled.mean(dim=0), feature_std=feature_std, feature_norm=feature_norm)
-    model = model.to(device)
+    # channels-last weights: about 1.35x faster steps on CPU (benchmarks/bench_layout.py); the
+    # identity net gains nothing from it and keeps its layout
+    model = model.to(device, memory_format=torch.channels_last)
     if loss_fn.identity_net is not None:
         loss_fn.identity_net.to(device)
     loop = TrainingLoop("train_decoder", model, config, checkpoint, device)
