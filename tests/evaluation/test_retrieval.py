@@ -106,3 +106,44 @@ def test_top_k_and_feature_similarity() -> None:
     sim = retrieval.feature_similarity(np.array([[1.0, 0.0], [1.0, 1.0]]), np.array([[0.0, 1.0], [1.0, 1.0]]))
     assert sim["cosine_angle_deg"][0] == pytest.approx(45.0)
     assert sim["l1"][0] == pytest.approx(1.0)
+
+
+def test_one_in_two_matching_is_the_share_of_impostors_beaten() -> None:
+    """Against the exact expectation, counted by hand: a voice beats an impostor when its
+    true face is strictly closer; over many seeded draws the share converges to the share
+    of the other identities that are farther than the true one (ties are misses)."""
+    rng = np.random.default_rng(3)
+    gallery = rng.standard_normal((12, 8)).astype(np.float32)
+    true_index = np.arange(24) % 12
+    queries = gallery[true_index] + rng.standard_normal((24, 8)).astype(np.float32) * 1.2
+    queries[0] = gallery[5]            # query 0 (true 0) equals identity 5: true is beaten by one
+    queries[1] = gallery[1]            # query 1 is its own true face: beats every impostor
+    gallery[11] = gallery[10]          # identity 10's twin: a tie for queries of 10 and 11
+    queries[10] = queries[22] = gallery[10]
+    cos = retrieval_cosine(queries, gallery)
+    true_score = cos[np.arange(24), true_index]
+    others = np.ones_like(cos, dtype=bool)
+    others[np.arange(24), true_index] = False
+    expected = np.array([(cos[i, others[i]] < true_score[i]).mean() for i in range(24)])
+
+    draws = 4000
+    accuracy = retrieval.one_in_two_matching(queries, gallery, true_index, draws=draws, seed=0)
+    assert accuracy.shape == (24,)
+    assert np.abs(accuracy - expected).max() < 4 * np.sqrt(0.25 / draws) + 1e-9
+    assert accuracy[1] == 1.0 and expected[0] <= 10 / 11   # at least identity 5 beats it
+    # the twin is a tie, a miss: 10 of 11 impostors are beaten (all 11 if a tie were a win)
+    assert expected[10] == expected[22] == 10 / 11 and max(accuracy[10], accuracy[22]) < 0.95
+    again = retrieval.one_in_two_matching(queries, gallery, true_index, draws=draws, seed=0)
+    assert np.array_equal(accuracy, again)
+    other_seed = retrieval.one_in_two_matching(queries, gallery, true_index, draws=50, seed=1)
+    assert not np.array_equal(other_seed, retrieval.one_in_two_matching(queries, gallery, true_index, 50, 0))
+    # random voices sit at chance (0.5)
+    noise = rng.standard_normal((400, 8)).astype(np.float32)
+    assert abs(retrieval.one_in_two_matching(noise, gallery, np.arange(400) % 12, 20, 0).mean() - 0.5) < 0.04
+    with pytest.raises(ValueError, match="at least 2"):
+        retrieval.one_in_two_matching(queries[:2], gallery[:1], np.zeros(2, int), 5, 0)
+
+
+def retrieval_cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    a64, b64 = a.astype(np.float64), b.astype(np.float64)
+    return (a64 / np.linalg.norm(a64, axis=1, keepdims=True)) @ (b64 / np.linalg.norm(b64, axis=1, keepdims=True)).T

@@ -85,13 +85,16 @@ def image_retrieval(reembedded_from_voice: np.ndarray, gallery: np.ndarray, true
 def evaluate_decoded_faces(decoder, test_features: np.ndarray, identities: np.ndarray,
                            predicted_features: np.ndarray, gallery: np.ndarray, true_index: np.ndarray,
                            real_crops: np.ndarray, analyzer: FaceAnalyzer, backend,
-                           ks=retrieval.PAPER_KS) -> tuple[dict, dict[str, np.ndarray], dict]:
+                           ks=retrieval.PAPER_KS, matching_draws: int = 10, seed: int = 0
+                           ) -> tuple[dict, dict[str, np.ndarray], dict]:
     """All decoded-face figures of the test split, the decoded images, and the per-query
     values behind the figures (for intervals).
 
     ``test_features``: the real face feature of each test clip; ``predicted_features``: the
     encoder's feature of the same clip's voice; ``gallery``/``true_index``: the identity
-    gallery of the retrieval evaluation."""
+    gallery of the retrieval evaluation. Image-level 1:2 matching (voice2face's): the
+    re-embedded voice-decoded face against its identity's and an impostor's face feature,
+    ``matching_draws`` seeded impostors per query (speech2face.evaluation.retrieval)."""
     from_true, landmarks_true = decode(decoder, test_features)
     from_voice, landmarks_voice = decode(decoder, predicted_features)
     reembedded_true, detected_true = reembed_images(from_true, analyzer, backend, landmarks_true)
@@ -106,7 +109,12 @@ def evaluate_decoded_faces(decoder, test_features: np.ndarray, identities: np.nd
         "image_R@K": {k: float(v.mean()) for k, v in image_hits.items()},
         "decoder_only_R@K": {k: float(v.mean()) for k, v in decoder_only_hits.items()},
     }
+    if len(gallery) > 1:
+        image_matching = retrieval.one_in_two_matching(reembedded_voice, gallery, true_index, matching_draws, seed)
+        figures["image_matching_1of2"] = float(image_matching.mean())
     per_query = {"image_hits": image_hits, "decoder_only_hits": decoder_only_hits,
                  "identity_cosine": np.diag(cosine_matrix(reembedded_true, test_features)).astype(np.float64),
                  "voice_decoded_detected": detected_voice.astype(np.float64)}
+    if len(gallery) > 1:
+        per_query["image_matching"] = image_matching
     return figures, {"from_true": from_true, "from_voice": from_voice}, per_query

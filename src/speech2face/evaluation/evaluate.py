@@ -48,8 +48,10 @@ def _with_interval(*names: str) -> tuple[str, ...]:
 
 # The figures a reader compares experiments on, each with its 95 % interval: the voice
 # encoder's R@1/5/10, the ridge baseline's, chance, the validation R@1 (what choices are made
-# on), and the decoded faces (image-level R@1, share detected as faces).
-HEADLINE = (_with_interval("R@1", "R@5", "R@10", "ridge_R@1", "ridge_R@5", "ridge_R@10", "val_R@1", "image_R@1")
+# on), 1:2 matching (feature and image level), and the decoded faces (image-level R@1, share
+# detected as faces).
+HEADLINE = (_with_interval("R@1", "R@5", "R@10", "ridge_R@1", "ridge_R@5", "ridge_R@10", "val_R@1", "image_R@1",
+                           "matching_1of2", "ridge_matching_1of2", "image_matching_1of2")
             + ("chance_R@1", "chance_R@5", "chance_R@10", "voice_decoded_detected", "test_queries",
                "gallery_identities"))
 
@@ -64,7 +66,7 @@ def split_metrics(metrics: dict) -> tuple[dict, dict]:
 class EvaluateConfig:
     SECTION: ClassVar[str] = "evaluate"
     sampled_gallery_size: int = setting(100, minimum=2)   # paper protocol, when the test split has that many identities
-    draws: int = setting(10, minimum=1)
+    draws: int = setting(10, minimum=1)                   # random galleries per query: paper protocol, 1:2 impostors
     seed: int = setting(0, minimum=0)
     gallery_examples: int = setting(6, minimum=1)         # test voices shown in retrieval_gallery.png
     threads: int = setting(2, minimum=1)                  # torch/BLAS threads: fixed, so the figures are the same anywhere
@@ -80,6 +82,7 @@ class SplitResult:
     true_index: np.ndarray
     boot: ClusterBootstrap
     hits: dict
+    matching: dict[str, np.ndarray]       # model -> per query, share of impostors beaten (1:2 matching)
 
 
 def decoded_faces_section(figures: dict, intervals: dict) -> str:
@@ -105,6 +108,29 @@ def decoded_faces_section(figures: dict, intervals: dict) -> str:
         "", "Voice vs chance, image-level: " + "; ".join(
             f"R@{k} {verdict(intervals['image_vs_chance'][k])}" for k in intervals["image_vs_chance"]),
         "", "`decoded_faces.png`: true face, face decoded from the true feature, face decoded from the voice.", ""])
+
+
+def matching_section(figures: RetrievalFigures, decoded_intervals: dict, impostors: int) -> str:
+    """The 1:2 matching part of summary.md: feature level per model, image level, vs chance."""
+    if not figures.matching:
+        return "## 1:2 matching\n\nNeeds at least 2 test identities.\n"
+    cell = evaluation.cell
+    image = decoded_intervals.get("image_matching_1of2")
+    lines = ["## 1:2 matching (test split)", "",
+             "Given a voice and two faces, one of them the speaker's, pick the closer face (cosine); accuracy in % "
+             f"with 95 % intervals, chance 50 %. Each voice meets its own identity's face feature, paired in turn "
+             f"with {impostors} impostor faces drawn (seeded) among the other test identities; a tie counts as "
+             "a miss.", "",
+             "| model | feature level | validation |", "|---|---|---|"]
+    for name, figure in figures.matching.items():
+        val = figures.val_matching.get(name) if figures.val_matching else None
+        lines.append(f"| {name} | {cell(figure)} | {cell(val) if val else '-'} |")
+    if image is not None:
+        lines.append(f"| cnn, image level (decoded face re-embedded) | {cell(image)} | - |")
+    lines += ["", "Against chance: " + "; ".join(f"{name} {verdict(d)}" for name, d in figures.matching_vs_chance.items())
+              + (f"; image level {verdict(decoded_intervals['image_matching_vs_chance'])}" if image is not None else ""),
+              ""]
+    return "\n".join(lines)
 
 
 def flat_figures(prefix: str, by_k: dict, name: str = "R@{k}") -> dict[str, float]:
@@ -133,7 +159,12 @@ def evaluate_split(part: Pairs, model, ridge, spectrogram_power: float, config: 
     hits = {name: evaluation.retrieval_hits(queries, gallery, true_index, retrieval.PAPER_KS,
                                             config.sampled_gallery_size, config.draws, config.seed)
             for name, queries in predicted.items()}
-    return SplitResult(predicted, names, gallery, true_index, boot, hits)
+    matching = {name: retrieval.one_in_two_matching(queries, gallery, true_index, config.draws, config.seed)
+                for name, queries in predicted.items()} if len(gallery) > 1 else {}
+    return SplitResult(predicted, names, gallery, true_index, boot, hits, matching)
+
+
+MATCHING_CHANCE = 0.5   # 1:2 matching: pick one of two faces
 
 
 @dataclass
@@ -145,6 +176,9 @@ class RetrievalFigures:
     chance: dict[int, float]
     compared: dict
     similarity: dict
+    matching: dict             # model -> 1:2 matching accuracy with interval (test split)
+    matching_vs_chance: dict   # model -> paired difference from chance (0.5)
+    val_matching: dict | None
 
 
 def retrieval_figures(test: Pairs, tested: SplitResult, validated: SplitResult | None) -> RetrievalFigures:
@@ -156,8 +190,12 @@ def retrieval_figures(test: Pairs, tested: SplitResult, validated: SplitResult |
                   for name, queries in tested.predicted.items()}
     val_results = (None if validated is None else
                    {name: evaluation.with_intervals(h, validated.boot) for name, h in validated.hits.items()})
+    matching = {name: boot.interval(v).as_dict() for name, v in tested.matching.items()}
+    matching_vs_chance = {name: boot.difference(v, MATCHING_CHANCE) for name, v in tested.matching.items()}
+    val_matching = (None if validated is None else
+                    {name: validated.boot.interval(v).as_dict() for name, v in validated.matching.items()})
     return RetrievalFigures(results, val_results, 0 if validated is None else len(validated.names), chance,
-                            compared, similarity)
+                            compared, similarity, matching, matching_vs_chance, val_matching)
 
 
 def metrics_of(figures: RetrievalFigures, counts: dict, ridge_alpha: float, config: EvaluateConfig) -> dict:
@@ -171,12 +209,19 @@ def metrics_of(figures: RetrievalFigures, counts: dict, ridge_alpha: float, conf
         **(flat_figures("val_", val_results["cnn"]["cosine"]["whole"]) if val_results else {}),
         **(flat_figures("val_ridge_", val_results["ridge"]["cosine"]["whole"]) if val_results else {}),
         **flat_figures("cnn_", {"": figures.similarity["cnn"]["cosine_angle_deg"]}, name="cosine_angle_deg"),
+        **{key: value for name, figure in figures.matching.items()
+           for key, value in flat_figures("" if name == "cnn" else f"{name}_", {"": figure}, "matching_1of2").items()},
+        **(flat_figures("val_", {"": figures.val_matching["cnn"]}, "matching_1of2") if figures.val_matching else {}),
         "gallery_identities": counts["test_identities"], "test_queries": counts["test_queries"],
         "train_pairs": counts["train_pairs"], "val_identities": counts["val_identities"],
         "val_queries": counts["val_queries"],
         "ridge_alpha": ridge_alpha,
         "details": {"retrieval": results, "validation": val_results, "feature_similarity": figures.similarity,
                     "comparisons": {pair: {k: d.as_dict() for k, d in by_k.items()} for pair, by_k in compared.items()},
+                    "matching_1of2": {"test": figures.matching, "validation": figures.val_matching,
+                                      "minus_chance": {name: d.as_dict()
+                                                       for name, d in figures.matching_vs_chance.items()},
+                                      "impostors_per_query": config.draws, "chance": MATCHING_CHANCE},
                     "bootstrap": {"replicates": config.bootstrap, "seed": config.seed, "unit": "test identity",
                                   "level": 0.95}},
     }
@@ -195,7 +240,8 @@ class TestCrops:
 
 
 def decoded_face_figures(test: Pairs, tested: SplitResult, test_crops: np.ndarray, chance: dict[int, float],
-                         faces_config: FacesConfig, decoder_path: Path) -> tuple[dict, dict, dict]:
+                         faces_config: FacesConfig, decoder_path: Path, config: EvaluateConfig
+                         ) -> tuple[dict, dict, dict]:
     """Faces decoded from the voices and from the true features: (figures, their intervals,
     the images)."""
     decoder = load_decoder(decoder_path)
@@ -204,13 +250,16 @@ def decoded_face_figures(test: Pairs, tested: SplitResult, test_crops: np.ndarra
     backend = make_backend(faces_config.backend, faces_config.vggface_weights)
     decoded, images, per_query = evaluate_decoded_faces(
         decoder, test.features, test.table["identity"].to_numpy(), tested.predicted["cnn"], tested.gallery,
-        tested.true_index, test_crops, analyzer, backend)
+        tested.true_index, test_crops, analyzer, backend, matching_draws=config.draws, seed=config.seed)
     boot = tested.boot
     intervals = {
         "image_R@K": {k: boot.interval(v).as_dict() for k, v in per_query["image_hits"].items()},
         "decoder_only_R@K": {k: boot.interval(v).as_dict() for k, v in per_query["decoder_only_hits"].items()},
         "identity_cosine": boot.interval(per_query["identity_cosine"]).as_dict(),
         "voice_decoded_detected": boot.interval(per_query["voice_decoded_detected"]).as_dict(),
+        **({"image_matching_1of2": boot.interval(per_query["image_matching"]).as_dict(),
+            "image_matching_vs_chance": boot.difference(per_query["image_matching"], MATCHING_CHANCE)}
+           if "image_matching" in per_query else {}),
         "image_vs_chance": {k: boot.difference(per_query["image_hits"][k], chance[k])
                             for k in (1, 5, 10) if k in chance},
     }
@@ -241,11 +290,14 @@ def run_evaluate(config: EvaluateConfig, spectrogram_power: float, faces_config:
     crop_of = TestCrops(paths.faces)
     test_crops = np.stack([crop_of(c) for c in test.table["clip_id"]])
     decoded, decoded_intervals, images = decoded_face_figures(test, tested, test_crops, figures.chance,
-                                                              faces_config, paths.decoder)
+                                                              faces_config, paths.decoder, config)
     metrics.update({k: v for k, v in decoded.items() if not isinstance(v, dict)})
     metrics.update(flat_figures("image_", decoded_intervals["image_R@K"]))
+    if "image_matching_1of2" in decoded_intervals:
+        metrics.update(flat_figures("image_", {"": decoded_intervals["image_matching_1of2"]}, "matching_1of2"))
     metrics["details"]["decoded_faces"] = {**decoded, "intervals": {
-        key: value for key, value in decoded_intervals.items() if key != "image_vs_chance"}}
+        key: (value.as_dict() if key == "image_matching_vs_chance" else value)
+        for key, value in decoded_intervals.items() if key != "image_vs_chance"}}
     metrics = round_floats(metrics)
 
     write_reports(paths.reports, metrics, figures, counts, decoded, decoded_intervals, test, tested, test_crops,
@@ -255,6 +307,8 @@ def run_evaluate(config: EvaluateConfig, spectrogram_power: float, faces_config:
     line = ", ".join(f"R@{k} {evaluation.cell(whole[k])}% (ridge "
                      f"{100 * figures.results['ridge']['cosine']['whole'][k]['value']:.1f}%, "
                      f"chance {100 * figures.chance[k]:.1f}%)" for k in list(whole)[:3])
+    if figures.matching:
+        line += f"; 1:2 matching {evaluation.cell(figures.matching['cnn'])}% (chance 50%)"
     print(f"evaluate: {len(test)} test voices, {len(tested.gallery)} identities: {line}; decoded faces: "
           f"{100 * decoded['decoded_detected']:.0f}% detected, identity cosine {decoded['identity_cosine']:.3f} "
           f"(other identities {decoded['other_identity_cosine']:.3f}), image R@1 "
@@ -272,13 +326,14 @@ def write_reports(reports: Path, metrics: dict, figures: RetrievalFigures, count
               reports / "decoded_faces.png", labels=["true face", "from true feature", "from voice"])
 
     reports.mkdir(exist_ok=True)
+    impostors = metrics["details"]["matching_1of2"]["impostors_per_query"]
     headline, details = split_metrics(metrics)
     (reports / "metrics.json").write_text(json.dumps(headline, indent=2) + "\n")
     (reports / "metrics_details.json").write_text(json.dumps(details, indent=2) + "\n")
     (reports / "summary.md").write_text(
         evaluation.summary_markdown(figures.results, figures.val_results, figures.similarity, figures.compared,
                                     counts, metrics["details"]["bootstrap"])
-        + "\n" + decoded_faces_section(decoded, decoded_intervals))
+        + "\n" + matching_section(figures, decoded_intervals, impostors) + "\n" + decoded_faces_section(decoded, decoded_intervals))
     n_gallery = len(tested.gallery)
     table = evaluation.recall_table(figures.results, n_gallery)
     table.pivot(index="k", columns="model", values="recall").reset_index().to_csv(

@@ -242,6 +242,18 @@ def sampled_gallery_hits(queries, gallery, true_index: np.ndarray, gallery_size:
     return {k: v / draws for k, v in hits.items()}
 
 
+def one_in_two_matching(queries, gallery, true_index: np.ndarray, draws: int, seed: int,
+                        metric: str = "cosine") -> np.ndarray:
+    """1:2 matching (SVHF-Net, Learnable PINs, voice2face): given a voice and two faces, one of
+    them the speaker's, pick the closer one. Per query, the share of ``draws`` seeded impostors
+    (drawn among the other gallery items) for which the true item is strictly closer; chance
+    is 0.5. It is the R@1 of a random 2-item gallery, so it shares the rank rule (a tie counts
+    against the model) and the bounded memory of ``sampled_gallery_hits``."""
+    if len(gallery) < 2:
+        raise ValueError(f"1:2 matching needs at least 2 gallery items, have {len(gallery)}")
+    return sampled_gallery_hits(queries, gallery, true_index, 2, draws, seed, (1,), metric)[1]
+
+
 def top_k(queries, gallery, k: int, metric: str = "cosine", query_chunk: int = 4096,
           gallery_chunk: int = 16384) -> np.ndarray:
     """Nearest items per query (for pictures): (n_queries, min(k, n_gallery)) gallery indices,
