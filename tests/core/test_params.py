@@ -12,14 +12,15 @@ from speech2face.core.params import ParamsError, as_params, build_config, load_c
 from speech2face.data.download import DownloadConfig
 from speech2face.data.extract import ExtractConfig
 from speech2face.data.faces import FacesConfig
+from speech2face.data.speaker_embeddings import SpeakerEmbeddingsConfig
 from speech2face.data.spectrogram import SpectrogramConfig
 from speech2face.evaluation.evaluate import EvaluateConfig
 from speech2face.training.decoder import DecoderConfig
 from speech2face.training.encoder import EncoderConfig
 
 ROOT = Path(__file__).resolve().parents[2]
-CONFIGS = (DownloadConfig, ExtractConfig, SpectrogramConfig, FacesConfig, DecoderConfig, EncoderConfig,
-           EvaluateConfig)
+CONFIGS = (DownloadConfig, ExtractConfig, SpectrogramConfig, SpeakerEmbeddingsConfig, FacesConfig, DecoderConfig,
+           EncoderConfig, EvaluateConfig)
 
 
 def test_every_section_has_a_config_whose_defaults_are_params_yaml() -> None:
@@ -47,6 +48,8 @@ def test_absent_keys_take_defaults_and_types_are_converted() -> None:
     (ExtractConfig, {"engine": "spark"}, "extract.engine = 'spark': expected one of ['local', 'dask']"),
     (SpectrogramConfig, {"power": "0.3"}, "spectrogram.power = '0.3': expected a number >= 0.01"),
     (SpectrogramConfig, {"n_fft": 256}, "spectrogram.n_fft = 256: expected an integer >= window (400)"),
+    (SpeakerEmbeddingsConfig, {"backbone": "ecapa"}, "speaker_embeddings.backbone = 'ecapa': expected one of"),
+    (SpeakerEmbeddingsConfig, {"preprocess": "no"}, "speaker_embeddings.preprocess = 'no': expected true or false"),
     (FacesConfig, {"upsample": 4}, "faces.upsample = 4: expected an integer from 0 to 3"),
     (FacesConfig, {"max_centre_offset": 0}, "faces.max_centre_offset = 0: expected a number > 0"),
     (FacesConfig, {"split_fractions": "0.7"}, "faces.split_fractions = '0.7': expected [train, val, test]"),

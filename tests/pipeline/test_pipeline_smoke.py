@@ -62,7 +62,10 @@ def test_data_stages_produce_aligned_outputs(project: Path) -> None:
     assert features.shape[1] == 128
     assert faces.groupby("identity")["split"].nunique().max() == 1  # no identity in two splits
     log = (project / "repro.log").read_text()
-    for stage in ("download", "extract", "spectrogram", "faces", "train_decoder", "train_encoder", "evaluate"):
+    embeddings = read_table(project / "data/speaker_embeddings/index.csv")
+    assert set(embeddings["clip_id"]) == set(spectra["clip_id"]) and (embeddings["status"] == "ok").all()
+    for stage in ("download", "extract", "spectrogram", "speaker_embeddings", "faces", "train_decoder",
+                  "train_encoder", "evaluate"):
         assert f"{stage}:" in log  # each stage printed its summary line
 
 
@@ -86,7 +89,8 @@ def test_evaluation_reports(project: Path) -> None:
     assert n >= 2 and metrics["test_queries"] >= n
     assert metrics["chance_R@1"] == pytest.approx(1 / n)
     assert 0.0 <= metrics["R@1"] <= 1.0 and metrics["R@" + str(n)] == 1.0
-    for key in ("R@1", "ridge_R@1", "image_R@1", "cnn_cosine_angle_deg", "val_R@1"):
+    for key in ("R@1", "ridge_R@1", "ridge_ge2e_R@1", "matching_1of2", "image_R@1", "cnn_cosine_angle_deg",
+                "val_R@1"):
         assert metrics[f"{key}_low"] <= metrics[key] <= metrics[f"{key}_high"], key
     assert metrics["R@1_low"] < metrics["R@1_high"] or metrics["R@1"] in (0.0, 1.0)
     difference = metrics["R@1"] - metrics["ridge_R@1"]

@@ -24,6 +24,7 @@ class ProjectPaths:
     download_manifest: Path     # download: every row's status and reason
     extracted: Path             # extract: 16 kHz audio + frames, in shards
     spectrograms: Path          # spectrogram: compressed STFTs, in shards
+    speaker_embeddings: Path    # speaker_embeddings: a pretrained GE2E embedding per clip, in shards
     faces: Path                 # faces: crops, landmarks, features, splits
     checkpoints: Path           # training: resume state (machine-local, not an output)
     decoder: Path               # train_decoder: the face decoder (+ .json)

@@ -31,6 +31,7 @@ from speech2face.data.face_backends import make_backend
 from speech2face.data.face_files import FaceArrays
 from speech2face.data.faces import FacesConfig
 from speech2face.data.pairs import Pairs, load_pairs
+from speech2face.data.speaker_embeddings import load_speaker_embeddings
 from speech2face.evaluation import metrics as evaluation
 from speech2face.evaluation import retrieval
 from speech2face.evaluation.decoded_faces import evaluate_decoded_faces
@@ -50,8 +51,9 @@ def _with_interval(*names: str) -> tuple[str, ...]:
 # encoder's R@1/5/10, the ridge baseline's, chance, the validation R@1 (what choices are made
 # on), 1:2 matching (feature and image level), and the decoded faces (image-level R@1, share
 # detected as faces).
-HEADLINE = (_with_interval("R@1", "R@5", "R@10", "ridge_R@1", "ridge_R@5", "ridge_R@10", "val_R@1", "image_R@1",
-                           "matching_1of2", "ridge_matching_1of2", "image_matching_1of2")
+HEADLINE = (_with_interval("R@1", "R@5", "R@10", "ridge_R@1", "ridge_R@5", "ridge_R@10", "ridge_ge2e_R@1",
+                           "ridge_ge2e_R@5", "val_R@1", "image_R@1", "matching_1of2", "ridge_matching_1of2",
+                           "ridge_ge2e_matching_1of2", "image_matching_1of2")
             + ("chance_R@1", "chance_R@5", "chance_R@10", "voice_decoded_detected", "test_queries",
                "gallery_identities"))
 
@@ -142,17 +144,43 @@ def flat_figures(prefix: str, by_k: dict, name: str = "R@{k}") -> dict[str, floa
     return out
 
 
-def split_predictions(model, pairs, spectrogram_power: float, ridge) -> dict[str, np.ndarray]:
-    """{"cnn": encoder features, "ridge": ridge-baseline features} of ``pairs``' voices, checked."""
+@dataclass
+class SpeakerBaseline:
+    """Ridge regression from a pretrained speaker embedding (GE2E) to the face feature."""
+    embeddings: dict[str, np.ndarray]   # clip_id -> (256,)
+    ridge: object = None
+    alpha: float = float("nan")
+
+    @classmethod
+    def fit(cls, embeddings: dict[str, np.ndarray], train: Pairs) -> "SpeakerBaseline":
+        baseline = cls(embeddings)
+        baseline.ridge, baseline.alpha = evaluation.fit_ridge(baseline.inputs(train), train.features)
+        return baseline
+
+    def inputs(self, pairs: Pairs) -> np.ndarray:
+        missing = [c for c in pairs.table["clip_id"] if c not in self.embeddings]
+        if missing:
+            raise DataError(f"no speaker embedding for {len(missing)} clips of the split (e.g. {missing[0]}): "
+                            f"rerun the speaker_embeddings stage (dvc repro speaker_embeddings)")
+        return np.stack([self.embeddings[c] for c in pairs.table["clip_id"]])
+
+
+def split_predictions(model, pairs, spectrogram_power: float, ridge,
+                      speaker: SpeakerBaseline | None = None) -> dict[str, np.ndarray]:
+    """{"cnn": encoder features, "ridge": ridge on pooled log-mel, "ridge_ge2e": ridge on the
+    GE2E embedding} of ``pairs``' voices, checked."""
     pooled = np.stack([evaluation.pooled_log_mel(pairs.spectrogram(i), spectrogram_power) for i in range(len(pairs))])
     predicted = {"cnn": evaluation.predict_features(model, pairs), "ridge": ridge.predict(pooled).astype(np.float32)}
+    if speaker is not None:
+        predicted["ridge_ge2e"] = speaker.ridge.predict(speaker.inputs(pairs)).astype(np.float32)
     for name, values in predicted.items():
         evaluation.check_predictions(values, pairs.table["clip_id"].to_numpy(), name)
     return predicted
 
 
-def evaluate_split(part: Pairs, model, ridge, spectrogram_power: float, config: EvaluateConfig) -> SplitResult:
-    predicted = split_predictions(model, part, spectrogram_power, ridge)
+def evaluate_split(part: Pairs, model, ridge, spectrogram_power: float, config: EvaluateConfig,
+                   speaker: SpeakerBaseline | None = None) -> SplitResult:
+    predicted = split_predictions(model, part, spectrogram_power, ridge, speaker)
     identities = part.table["identity"].to_numpy()
     names, gallery, true_index = evaluation.identity_gallery(identities, part.features)
     boot = ClusterBootstrap(identities, replicates=config.bootstrap, seed=config.seed)
@@ -198,12 +226,13 @@ def retrieval_figures(test: Pairs, tested: SplitResult, validated: SplitResult |
                             compared, similarity, matching, matching_vs_chance, val_matching)
 
 
-def metrics_of(figures: RetrievalFigures, counts: dict, ridge_alpha: float, config: EvaluateConfig) -> dict:
+def metrics_of(figures: RetrievalFigures, counts: dict, ridge_alpha: dict[str, float], config: EvaluateConfig) -> dict:
     """metrics.json's retrieval part: flat keys with _low/_high for `dvc metrics`, then details."""
     results, val_results, compared = figures.results, figures.val_results, figures.compared
     return {
         **flat_figures("", results["cnn"]["cosine"]["whole"]),
         **flat_figures("ridge_", results["ridge"]["cosine"]["whole"]),
+        **(flat_figures("ridge_ge2e_", results["ridge_ge2e"]["cosine"]["whole"]) if "ridge_ge2e" in results else {}),
         **{f"chance_R@{k}": v for k, v in figures.chance.items()},
         **flat_figures("cnn_minus_ridge_", {k: d.as_dict() for k, d in compared["cnn - ridge"].items()}),
         **(flat_figures("val_", val_results["cnn"]["cosine"]["whole"]) if val_results else {}),
@@ -215,7 +244,7 @@ def metrics_of(figures: RetrievalFigures, counts: dict, ridge_alpha: float, conf
         "gallery_identities": counts["test_identities"], "test_queries": counts["test_queries"],
         "train_pairs": counts["train_pairs"], "val_identities": counts["val_identities"],
         "val_queries": counts["val_queries"],
-        "ridge_alpha": ridge_alpha,
+        **{f"{name}_alpha": alpha for name, alpha in ridge_alpha.items()},
         "details": {"retrieval": results, "validation": val_results, "feature_similarity": figures.similarity,
                     "comparisons": {pair: {k: d.as_dict() for k, d in by_k.items()} for pair, by_k in compared.items()},
                     "matching_1of2": {"test": figures.matching, "validation": figures.val_matching,
@@ -279,13 +308,15 @@ def run_evaluate(config: EvaluateConfig, spectrogram_power: float, faces_config:
     pooled_train = np.stack([evaluation.pooled_log_mel(train.spectrogram(i), spectrogram_power)
                              for i in range(len(train))])
     ridge, ridge_alpha = evaluation.fit_ridge(pooled_train, train.features)
+    # Baseline from a pretrained speaker backbone: ridge from the GE2E embedding (fit on train).
+    speaker = SpeakerBaseline.fit(load_speaker_embeddings(paths.speaker_embeddings), train)
 
-    tested = evaluate_split(test, model, ridge, spectrogram_power, config)
-    validated = evaluate_split(val, model, ridge, spectrogram_power, config) if len(val) else None
+    tested = evaluate_split(test, model, ridge, spectrogram_power, config, speaker)
+    validated = evaluate_split(val, model, ridge, spectrogram_power, config, speaker) if len(val) else None
     figures = retrieval_figures(test, tested, validated)
     counts = {"test_queries": len(test), "test_identities": len(tested.gallery), "train_pairs": len(train),
               "val_queries": len(val), "val_identities": figures.val_identities}
-    metrics = metrics_of(figures, counts, ridge_alpha, config)
+    metrics = metrics_of(figures, counts, {"ridge": ridge_alpha, "ridge_ge2e": speaker.alpha}, config)
 
     crop_of = TestCrops(paths.faces)
     test_crops = np.stack([crop_of(c) for c in test.table["clip_id"]])
@@ -307,6 +338,8 @@ def run_evaluate(config: EvaluateConfig, spectrogram_power: float, faces_config:
     line = ", ".join(f"R@{k} {evaluation.cell(whole[k])}% (ridge "
                      f"{100 * figures.results['ridge']['cosine']['whole'][k]['value']:.1f}%, "
                      f"chance {100 * figures.chance[k]:.1f}%)" for k in list(whole)[:3])
+    if "ridge_ge2e" in figures.results:
+        line += f"; ridge on GE2E R@1 {evaluation.cell(figures.results['ridge_ge2e']['cosine']['whole'][1])}%"
     if figures.matching:
         line += f"; 1:2 matching {evaluation.cell(figures.matching['cnn'])}% (chance 50%)"
     print(f"evaluate: {len(test)} test voices, {len(tested.gallery)} identities: {line}; decoded faces: "
