@@ -60,15 +60,12 @@ def _skipped_rows(clip_ids: list[str], reason: str) -> pd.DataFrame:
                         columns=TABLE_COLUMNS)
 
 
-def embed_clip(samples: np.ndarray, encoder: ge2e.GE2EEncoder, preprocess: bool) -> np.ndarray | None:
-    """(256,) float32 embedding of float samples at 16 kHz; None when no voice is left."""
+def voiced_wav(samples: np.ndarray, preprocess: bool) -> np.ndarray | None:
+    """What GE2E embeds of float samples at 16 kHz; None when no voice is left."""
     if not np.any(samples):   # digital silence: the volume normalisation would divide by zero
         return None
     wav = ge2e.preprocess_wav(samples) if preprocess else np.asarray(samples, dtype=np.float32)
-    if len(wav) == 0 or not np.any(wav):
-        return None
-    with torch.no_grad():
-        return np.asarray(encoder.embed_utterance(wav), dtype=np.float32)
+    return wav if len(wav) and np.any(wav) else None
 
 
 def finished_shard(out_dir: Path, shard: Shard) -> pd.DataFrame | None:
@@ -103,19 +100,18 @@ def embed_shard(shard: Shard, out_dir: Path, pool: None, bar, extract_dir: Path,
     if len(source) and source.sample_rate != ge2e.SAMPLE_RATE:
         raise ParamsError(f"{npz_path} holds {source.sample_rate} Hz audio; GE2E needs {ge2e.SAMPLE_RATE} Hz: "
                           f"set extract.sample_rate to {ge2e.SAMPLE_RATE}")
-    encoder = load_backbone(config.backbone)
-    rows, statuses, reasons, embeddings = [], [], [], []
+    rows, statuses, reasons, wavs = [], [], [], []
     for i in range(len(source)):
         samples = source.audio_float(i)
-        embedding = embed_clip(samples, encoder, config.preprocess) if len(samples) else None
-        reason = "" if embedding is not None else ("empty_audio" if not len(samples) else "no_voice")
-        statuses.append(OK if embedding is not None else SKIPPED)
-        reasons.append(reason)
-        rows.append(len(embeddings) if embedding is not None else -1)
-        if embedding is not None:
-            embeddings.append(embedding)
-        bar.update(1)
-    array = np.stack(embeddings) if embeddings else np.zeros((0, ge2e.EMBEDDING_SIZE), np.float32)
+        wav = voiced_wav(samples, config.preprocess) if len(samples) else None
+        statuses.append(OK if wav is not None else SKIPPED)
+        reasons.append("" if wav is not None else ("empty_audio" if not len(samples) else "no_voice"))
+        rows.append(len(wavs) if wav is not None else -1)
+        if wav is not None:
+            wavs.append(wav)
+    # the whole shard's partials through the LSTM together (GE2EEncoder.embed_utterances)
+    array = load_backbone(config.backbone).embed_utterances(wavs)
+    bar.update(len(source))
     with atomic_path(_array_path(out_dir, shard.name)) as tmp:
         with open(tmp, "wb") as f:
             np.save(f, array, allow_pickle=False)

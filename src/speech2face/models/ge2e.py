@@ -127,6 +127,18 @@ def partial_slices(n_samples: int, rate: float = PARTIALS_PER_SECOND,
     return slices
 
 
+def partial_mels(wav: np.ndarray, rate: float = PARTIALS_PER_SECOND,
+                 min_coverage: float = MIN_COVERAGE) -> np.ndarray:
+    """(partials, 160, 40) float32 mel windows of a preprocessed 16 kHz utterance."""
+    wav = np.asarray(wav, dtype=np.float32)
+    slices = partial_slices(len(wav), rate, min_coverage)
+    # The mel is computed on the padded wav, as resemblyzer does: the frames near the end
+    # see zeros, not the reflection or the cut of the audio.
+    padded = np.pad(wav, (0, max(0, slices[-1].stop * MEL_HOP - len(wav))))
+    mel = mel_spectrogram(padded)
+    return np.stack([mel[s] for s in slices])
+
+
 class GE2EEncoder(nn.Module):
     """GE2E's network; parameter names match resemblyzer's state dict (``lstm.*``, ``linear.*``)."""
 
@@ -152,15 +164,28 @@ class GE2EEncoder(nn.Module):
                        min_coverage: float = MIN_COVERAGE) -> torch.Tensor:
         """(partials, 256) embeddings of a preprocessed 16 kHz utterance's partials, with
         gradients if the parameters have them (for fine-tuning on utterances)."""
-        wav = np.asarray(wav, dtype=np.float32)
-        slices = partial_slices(len(wav), rate, min_coverage)
-        # The mel is computed on the padded wav, as resemblyzer does: the frames near the end
-        # see zeros, not the reflection or the cut of the audio.
-        padded = np.pad(wav, (0, max(0, slices[-1].stop * MEL_HOP - len(wav))))
-        mel = mel_spectrogram(padded)
         device = next(self.parameters()).device
-        mels = torch.from_numpy(np.stack([mel[s] for s in slices])).to(device)
-        return self(mels)
+        return self(torch.from_numpy(partial_mels(wav, rate, min_coverage)).to(device))
+
+    def embed_utterances(self, wavs: list[np.ndarray], max_partials: int = 512) -> np.ndarray:
+        """(len(wavs), 256) float32: ``embed_utterance`` of each, with the partials of many
+        utterances in one forward pass (the LSTM's 160 steps cost about the same for 7 rows or
+        500, so this is several times faster per utterance; the results agree with one at a
+        time to float rounding, ~1e-7)."""
+        mels = [partial_mels(wav) for wav in wavs]
+        counts = [len(m) for m in mels]
+        device = next(self.parameters()).device
+        out = []
+        with torch.no_grad():
+            stacked = np.concatenate(mels) if mels else np.zeros((0, PARTIAL_FRAMES, N_MELS), np.float32)
+            for start in range(0, len(stacked), max_partials):
+                out.append(self(torch.from_numpy(stacked[start:start + max_partials]).to(device)).cpu().numpy())
+        partials = np.concatenate(out) if out else np.zeros((0, EMBEDDING_SIZE), np.float32)
+        embeddings = np.zeros((len(wavs), EMBEDDING_SIZE), np.float32)
+        for i, (first, count) in enumerate(zip(np.cumsum([0] + counts[:-1]), counts)):
+            mean = partials[first:first + count].mean(axis=0)
+            embeddings[i] = mean / np.linalg.norm(mean)
+        return embeddings
 
     def embed_utterance(self, wav: np.ndarray, rate: float = PARTIALS_PER_SECOND,
                         min_coverage: float = MIN_COVERAGE) -> np.ndarray:
