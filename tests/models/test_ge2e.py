@@ -116,6 +116,14 @@ def test_embeddings_equal_resemblyzer(embeddings, reference_encoder, utterances)
     assert np.abs(embeddings - expected).max() < 1e-5   # measured 1.8e-7
 
 
+def test_utterances_embedded_together_equal_one_at_a_time(model, embeddings, utterances) -> None:
+    wavs = [wav for _, wav in utterances]
+    together = model.embed_utterances(wavs, max_partials=64)   # several passes, partials split across them
+    assert together.shape == embeddings.shape and together.dtype == np.float32
+    assert np.abs(together - embeddings).max() < 1e-6
+    assert model.embed_utterances([]).shape == (0, 256)
+
+
 def test_embeddings_separate_speakers(embeddings, utterances) -> None:
     speakers = [speaker for speaker, _ in utterances]
     assert len(set(speakers)) == 10
