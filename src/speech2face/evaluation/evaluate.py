@@ -129,9 +129,10 @@ def matching_section(figures: RetrievalFigures, decoded_intervals: dict, imposto
         lines.append(f"| {name} | {cell(figure)} | {cell(val) if val else '-'} |")
     if image is not None:
         lines.append(f"| cnn, image level (decoded face re-embedded) | {cell(image)} | - |")
-    lines += ["", "Against chance: " + "; ".join(f"{name} {verdict(d)}" for name, d in figures.matching_vs_chance.items())
-              + (f"; image level {verdict(decoded_intervals['image_matching_vs_chance'])}" if image is not None else ""),
-              ""]
+    against_chance = [f"{name} {verdict(d)}" for name, d in figures.matching_vs_chance.items()]
+    if image is not None:
+        against_chance.append(f"image level {verdict(decoded_intervals['image_matching_vs_chance'])}")
+    lines += ["", "Against chance: " + "; ".join(against_chance), ""]
     return "\n".join(lines)
 
 
@@ -226,7 +227,8 @@ def retrieval_figures(test: Pairs, tested: SplitResult, validated: SplitResult |
                             compared, similarity, matching, matching_vs_chance, val_matching)
 
 
-def metrics_of(figures: RetrievalFigures, counts: dict, ridge_alpha: dict[str, float], config: EvaluateConfig) -> dict:
+def metrics_of(figures: RetrievalFigures, counts: dict, ridge_alpha: dict[str, float],
+               config: EvaluateConfig) -> dict:
     """metrics.json's retrieval part: flat keys with _low/_high for `dvc metrics`, then details."""
     results, val_results, compared = figures.results, figures.val_results, figures.compared
     return {
@@ -366,7 +368,8 @@ def write_reports(reports: Path, metrics: dict, figures: RetrievalFigures, count
     (reports / "summary.md").write_text(
         evaluation.summary_markdown(figures.results, figures.val_results, figures.similarity, figures.compared,
                                     counts, metrics["details"]["bootstrap"])
-        + "\n" + matching_section(figures, decoded_intervals, impostors) + "\n" + decoded_faces_section(decoded, decoded_intervals))
+        + "\n" + matching_section(figures, decoded_intervals, impostors)
+        + "\n" + decoded_faces_section(decoded, decoded_intervals))
     n_gallery = len(tested.gallery)
     table = evaluation.recall_table(figures.results, n_gallery)
     table.pivot(index="k", columns="model", values="recall").reset_index().to_csv(
