@@ -101,7 +101,7 @@ def test_evaluation_reports(project: Path) -> None:
     assert "## Validation split" in summary and "95 % interval" in summary
     assert "cnn - ridge, R@1:" in summary and ("within noise" in summary or "a real difference" in summary)
     curve = (project / "reports/recall_at_k.csv").read_text().splitlines()
-    assert curve[0] == "k,chance,cnn,ridge"
+    assert curve[0] == "k,chance,cnn,ridge,ridge_ge2e"
     for png in ("recall_at_k.png", "retrieval_gallery.png"):
         assert (project / "reports" / png).read_bytes()[:4] == b"\x89PNG"
 

@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from speech2face.core import shards, tracking
+from speech2face.core.allocator import keep_freed_memory
 from speech2face.core.determinism import fix_threads
 from speech2face.core.params import check, setting
 from speech2face.core.paths import ProjectPaths
@@ -249,6 +250,8 @@ def run_train_decoder(config: DecoderConfig, faces_config: FacesConfig, paths: P
     """The train_decoder stage: train on the train split's faces, keep the best validation
     epoch, write the model, its metrics and a picture of decoded faces, log the run to MLflow."""
     import mlflow
+
+    keep_freed_memory()   # no page faults for each step's activations (speech2face.core.allocator)
 
     faces = load_faces(paths.faces)
     train, val = faces.subset("train"), faces.subset("val")

@@ -22,6 +22,7 @@ import torch
 import torch.distributed as dist
 
 from speech2face.core import shards, tracking
+from speech2face.core.allocator import keep_freed_memory
 from speech2face.core.determinism import fix_threads
 from speech2face.core.params import setting
 from speech2face.core.paths import ProjectPaths
@@ -165,6 +166,7 @@ def frozen_decoder_head(decoder_path: Path, device: torch.device):
 def run_train_encoder(config: EncoderConfig, paths: ProjectPaths) -> list[dict]:
     """The train_encoder stage: train on the train split's pairs, keep the best validation
     epoch, write the model and its metrics (rank 0), log the run to MLflow."""
+    keep_freed_memory()   # no page faults for each step's activations (speech2face.core.allocator)
     dist_info = setup_distributed()
     pairs = load_pairs(paths.spectrograms, paths.faces)
     # The checkpoint persists across runs for resume; it is trusted only for the same params,
