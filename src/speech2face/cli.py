@@ -151,12 +151,25 @@ def spectrogram_settings(encoder_path: Path) -> SpectrogramSettings:
 
 def load_models(encoder_path: Path, decoder_path: Path) -> tuple[VoiceEncoder, FaceDecoder, SpectrogramSettings]:
     """(encoder, decoder, spectrogram settings); ClickException with one line on any failure."""
-    from speech2face.core.model_files import ModelFileError
+    from speech2face.core.model_files import ModelFileError, read_meta
     from speech2face.models.encoder_io import load_encoder
     from speech2face.models.face_decoder import load_decoder
+    from speech2face.models.voice_head import is_voice_head, load_voice_head
+    from speech2face.voice_to_face import VoiceHeadSettings
 
     # The files are the user's: anything can be wrong with them (missing, not a torch file,
     # a .json without a key, weights of another shape), and each is one line, not a traceback.
+    if is_voice_head(encoder_path):   # GE2E + head (train_voice_head): its own front end
+        try:
+            head, decoder = load_voice_head(encoder_path), load_decoder(decoder_path)
+        except ModelFileError as error:
+            raise click.ClickException(first_line(error)) from None
+        if decoder.in_dim != head.out_dim:
+            raise click.ClickException(f"the voice head gives {head.out_dim}-D features, the face decoder takes "
+                                       f"{decoder.in_dim}-D ones: they are not a pair")
+        front_end = read_meta(encoder_path).get("front_end")
+        preprocess = front_end.get("preprocess", True) if isinstance(front_end, dict) else True
+        return head, decoder, VoiceHeadSettings(preprocess=bool(preprocess))
     try:
         encoder = load_encoder(encoder_path)
         decoder = load_decoder(decoder_path)
@@ -204,7 +217,8 @@ def main() -> None:
 @click.argument("voice", type=click.Path(dir_okay=False, path_type=Path))
 @click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), default=Path("face.png"),
               show_default=True, help="PNG to write")
-@click.option("--encoder", default=DEFAULT_ENCODER, show_default=True, help="voice encoder: path or MLflow URI")
+@click.option("--encoder", default=DEFAULT_ENCODER, show_default=True,
+              help="voice encoder (Table-1, or the GE2E voice head models/voice_head.pt): path or MLflow URI")
 @click.option("--decoder", default=DEFAULT_DECODER, show_default=True, help="face decoder: path or MLflow URI")
 @click.option("--max-windows", default=8, show_default=True, type=click.IntRange(min=1),
               help="most spectrogram windows averaged for a long recording")
@@ -231,7 +245,8 @@ def predict(voice: Path, output: Path, encoder: str, decoder: str, max_windows: 
 
 
 @main.command()
-@click.option("--encoder", default=DEFAULT_ENCODER, show_default=True, help="voice encoder: path or MLflow URI")
+@click.option("--encoder", default=DEFAULT_ENCODER, show_default=True,
+              help="voice encoder (Table-1, or the GE2E voice head models/voice_head.pt): path or MLflow URI")
 @click.option("--decoder", default=DEFAULT_DECODER, show_default=True, help="face decoder: path or MLflow URI")
 @click.option("--faces", default=Path("data/faces"), show_default=True, type=click.Path(file_okay=False, path_type=Path),
               help="faces folder of the pipeline: its test split is the gallery of nearest faces")

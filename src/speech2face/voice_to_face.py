@@ -7,6 +7,11 @@ becomes a spectrogram with the training settings, and the encoder's features of 
 are averaged (up to ``max_windows`` evenly spread windows: one voice, one face). The decoder
 turns the mean feature into the face. Only the first ``max_seconds`` (10 minutes by default)
 are decoded, so a recording of any length takes bounded memory.
+
+A voice head (GE2E + head, speech2face.models.voice_head) takes the recording its own way,
+as it was trained: the whole decoded audio (up to ``max_seconds``) through resemblyzer's
+preprocessing when its file says so, cut into GE2E's 1.6 s partials, one utterance
+embedding, one feature (``VoiceHeadSettings``; ``Prediction.windows`` counts the partials).
 """
 
 from __future__ import annotations
@@ -22,7 +27,7 @@ from speech2face.data.audio import SpectrogramSettings, spectrogram_batch
 from speech2face.data.media import MediaError, decode_audio, probe
 from speech2face.models.face_decoder import FaceDecoder, to_uint8
 from speech2face.models.voice_encoder import VoiceEncoder
-
+from speech2face.models.voice_head import PartialMels, VoiceHead, predict_clips
 
 MAX_SECONDS = 600.0
 
@@ -84,10 +89,32 @@ def windows(samples: np.ndarray, n: int, max_windows: int) -> list[np.ndarray]:
     return [samples[s:s + n] for s in starts]
 
 
-def encode_voice(samples: np.ndarray, encoder: VoiceEncoder, settings: SpectrogramSettings,
-                 max_windows: int = 8) -> tuple[torch.Tensor, int]:
+@dataclass(frozen=True)
+class VoiceHeadSettings:
+    """How a voice head takes a recording (its file's ``front_end``)."""
+    preprocess: bool = True      # resemblyzer's volume normalisation + VAD
+    sample_rate: int = 16000
+
+
+def encode_with_voice_head(samples: np.ndarray, model: VoiceHead, settings: VoiceHeadSettings
+                           ) -> tuple[torch.Tensor, int]:
+    """(the voice head's face feature (dim,), partials embedded) of float 16 kHz samples."""
+    from speech2face.data.speaker_embeddings import voiced_wav
+
+    wav = voiced_wav(samples, settings.preprocess)
+    if wav is None:
+        raise VoiceError("no voice left after voice-activity detection (silence or noise only)")
+    inputs = PartialMels.of_wavs([wav], ["voice"])
+    return torch.from_numpy(predict_clips(model, inputs)[0]), len(inputs.owner)
+
+
+def encode_voice(samples: np.ndarray, encoder: VoiceEncoder | VoiceHead,
+                 settings: SpectrogramSettings | VoiceHeadSettings, max_windows: int = 8) -> tuple[torch.Tensor, int]:
     """(the encoder's face feature of the voice (dim,), windows averaged): float samples at
-    ``settings.sample_rate`` (``load_voice``), each window's spectrogram through the encoder."""
+    ``settings.sample_rate`` (``load_voice``), each window's spectrogram through the encoder
+    (a voice head: ``encode_with_voice_head``)."""
+    if isinstance(encoder, VoiceHead):
+        return encode_with_voice_head(samples, encoder, settings)
     chunks = windows(samples, settings.n_samples, max_windows)
     spectrograms = torch.from_numpy(spectrogram_batch(chunks, settings))
     if spectrograms.shape[-2] != encoder.n_freq:
@@ -98,8 +125,9 @@ def encode_voice(samples: np.ndarray, encoder: VoiceEncoder, settings: Spectrogr
         return encoder(spectrograms).float().mean(dim=0), len(chunks)
 
 
-def predict_face(path: str | Path, encoder: VoiceEncoder, decoder: FaceDecoder,
-                 settings: SpectrogramSettings, max_windows: int = 8, max_seconds: float = MAX_SECONDS) -> Prediction:
+def predict_face(path: str | Path, encoder: VoiceEncoder | VoiceHead, decoder: FaceDecoder,
+                 settings: SpectrogramSettings | VoiceHeadSettings, max_windows: int = 8,
+                 max_seconds: float = MAX_SECONDS) -> Prediction:
     samples = load_voice(path, settings.sample_rate, max_seconds)
     feature, n_windows = encode_voice(samples, encoder, settings, max_windows)
     decoder.eval()

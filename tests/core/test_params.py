@@ -17,10 +17,11 @@ from speech2face.data.spectrogram import SpectrogramConfig
 from speech2face.evaluation.evaluate import EvaluateConfig
 from speech2face.training.decoder import DecoderConfig
 from speech2face.training.encoder import EncoderConfig
+from speech2face.training.voice_head import VoiceHeadConfig
 
 ROOT = Path(__file__).resolve().parents[2]
 CONFIGS = (DownloadConfig, ExtractConfig, SpectrogramConfig, SpeakerEmbeddingsConfig, FacesConfig, DecoderConfig,
-           EncoderConfig, EvaluateConfig)
+           EncoderConfig, VoiceHeadConfig, EvaluateConfig)
 
 
 def test_every_section_has_a_config_whose_defaults_are_params_yaml() -> None:
@@ -59,6 +60,10 @@ def test_absent_keys_take_defaults_and_types_are_converted() -> None:
     (DownloadConfig, {"allow_file_urls": "yes"}, "download.allow_file_urls = 'yes': expected true or false"),
     (EncoderConfig, {"beta2": 1.5}, "encoder.beta1"),   # beta checks name beta1 (both must be in (0, 1))
     (DecoderConfig, {"identity_net": "arcface"}, "decoder.identity_net = 'arcface': expected one of"),
+    (VoiceHeadConfig, {"backbone": "table1"}, "voice_head.backbone = 'table1': expected one of ['ge2e']"),
+    (VoiceHeadConfig, {"freeze_backbone": "yes"}, "voice_head.freeze_backbone = 'yes': expected true or false"),
+    (VoiceHeadConfig, {"hidden": -1}, "voice_head.hidden = -1: expected an integer >= 0"),
+    (VoiceHeadConfig, {"backbone_lr": 0}, "voice_head.backbone_lr = 0: expected a number > 0"),
     (EvaluateConfig, {"bootstrap": 10}, "evaluate.bootstrap = 10: expected an integer >= 100"),
 ])
 def test_bad_values_are_one_line(cls, values, message) -> None:

@@ -65,7 +65,7 @@ def test_data_stages_produce_aligned_outputs(project: Path) -> None:
     embeddings = read_table(project / "data/speaker_embeddings/index.csv")
     assert set(embeddings["clip_id"]) == set(spectra["clip_id"]) and (embeddings["status"] == "ok").all()
     for stage in ("download", "extract", "spectrogram", "speaker_embeddings", "faces", "train_decoder",
-                  "train_encoder", "evaluate"):
+                  "train_encoder", "train_voice_head", "evaluate"):
         assert f"{stage}:" in log  # each stage printed its summary line
 
 
@@ -89,8 +89,8 @@ def test_evaluation_reports(project: Path) -> None:
     assert n >= 2 and metrics["test_queries"] >= n
     assert metrics["chance_R@1"] == pytest.approx(1 / n)
     assert 0.0 <= metrics["R@1"] <= 1.0 and metrics["R@" + str(n)] == 1.0
-    for key in ("R@1", "ridge_R@1", "ridge_ge2e_R@1", "matching_1of2", "image_R@1", "cnn_cosine_angle_deg",
-                "val_R@1"):
+    for key in ("R@1", "ridge_R@1", "ridge_ge2e_R@1", "ge2e_head_R@1", "ge2e_head_matching_1of2", "matching_1of2",
+                "image_R@1", "cnn_cosine_angle_deg", "val_R@1", "val_ge2e_head_R@1"):
         assert metrics[f"{key}_low"] <= metrics[key] <= metrics[f"{key}_high"], key
     assert metrics["R@1_low"] < metrics["R@1_high"] or metrics["R@1"] in (0.0, 1.0)
     difference = metrics["R@1"] - metrics["ridge_R@1"]
@@ -101,7 +101,9 @@ def test_evaluation_reports(project: Path) -> None:
     assert "## Validation split" in summary and "95 % interval" in summary
     assert "cnn - ridge, R@1:" in summary and ("within noise" in summary or "a real difference" in summary)
     curve = (project / "reports/recall_at_k.csv").read_text().splitlines()
-    assert curve[0] == "k,chance,cnn,ridge,ridge_ge2e"
+    assert curve[0] == "k,chance,cnn,ge2e_head,ridge,ridge_ge2e"
+    head = json.loads((project / "reports/train_voice_head.json").read_text())
+    assert head["epochs"] == 3 and 1 <= head["best_epoch"] <= 3 and head["train_pairs"] == metrics["train_pairs"]
     for png in ("recall_at_k.png", "retrieval_gallery.png"):
         assert (project / "reports" / png).read_bytes()[:4] == b"\x89PNG"
 

@@ -29,6 +29,7 @@ class ProjectPaths:
     checkpoints: Path           # training: resume state (machine-local, not an output)
     decoder: Path               # train_decoder: the face decoder (+ .json)
     encoder: Path               # train_encoder: the voice encoder (+ .json)
+    voice_head: Path            # train_voice_head: GE2E + head (+ .json)
     reports: Path               # metrics, summaries, plots
 
 

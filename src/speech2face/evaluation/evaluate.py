@@ -22,10 +22,12 @@ import numpy as np
 from speech2face.core import tracking
 from speech2face.core.determinism import fix_threads
 from speech2face.core.errors import DataError
+from speech2face.core.model_files import read_meta
 from speech2face.core.params import setting
 from speech2face.core.paths import ProjectPaths
 from speech2face.core.pictures import face_grid
 from speech2face.core.tables import read_table
+from speech2face.data.clip_voices import clip_partial_mels
 from speech2face.data.face_analysis import FaceAnalyzer
 from speech2face.data.face_backends import make_backend
 from speech2face.data.face_files import FaceArrays
@@ -38,6 +40,7 @@ from speech2face.evaluation.decoded_faces import evaluate_decoded_faces
 from speech2face.evaluation.intervals import ClusterBootstrap, verdict
 from speech2face.models.encoder_io import load_encoder
 from speech2face.models.face_decoder import load_decoder
+from speech2face.models.voice_head import VoiceHead, load_voice_head, predict_clips
 
 REPORT_FILES = ("metrics.json", "metrics_details.json", "summary.md", "recall_at_k.csv", "recall_at_k.png",
                 "retrieval_gallery.png", "decoded_faces.png")
@@ -48,12 +51,13 @@ def _with_interval(*names: str) -> tuple[str, ...]:
 
 
 # The figures a reader compares experiments on, each with its 95 % interval: the voice
-# encoder's R@1/5/10, the ridge baseline's, chance, the validation R@1 (what choices are made
-# on), 1:2 matching (feature and image level), and the decoded faces (image-level R@1, share
-# detected as faces).
+# encoder's R@1/5/10, the ridge baselines', the GE2E voice head's, chance, the validation R@1
+# (what choices are made on), 1:2 matching (feature and image level), and the decoded faces
+# (image-level R@1, share detected as faces).
 HEADLINE = (_with_interval("R@1", "R@5", "R@10", "ridge_R@1", "ridge_R@5", "ridge_R@10", "ridge_ge2e_R@1",
-                           "ridge_ge2e_R@5", "val_R@1", "image_R@1", "matching_1of2", "ridge_matching_1of2",
-                           "ridge_ge2e_matching_1of2", "image_matching_1of2")
+                           "ridge_ge2e_R@5", "ge2e_head_R@1", "ge2e_head_R@5", "val_R@1", "val_ge2e_head_R@1",
+                           "image_R@1", "matching_1of2", "ridge_matching_1of2", "ridge_ge2e_matching_1of2",
+                           "ge2e_head_matching_1of2", "image_matching_1of2")
             + ("chance_R@1", "chance_R@5", "chance_R@10", "voice_decoded_detected", "test_queries",
                "gallery_identities"))
 
@@ -166,22 +170,41 @@ class SpeakerBaseline:
         return np.stack([self.embeddings[c] for c in pairs.table["clip_id"]])
 
 
-def split_predictions(model, pairs, spectrogram_power: float, ridge,
-                      speaker: SpeakerBaseline | None = None) -> dict[str, np.ndarray]:
+@dataclass
+class VoiceHeadModel:
+    """The trained voice head (GE2E + head), fed each clip's extracted audio."""
+    model: VoiceHead
+    extracted: Path
+    preprocess: bool
+
+    @classmethod
+    def load(cls, path: Path, extracted: Path) -> "VoiceHeadModel":
+        meta = read_meta(path)
+        return cls(load_voice_head(path), extracted, bool(meta.get("front_end", {}).get("preprocess", True)))
+
+    def predict(self, pairs: Pairs) -> np.ndarray:
+        inputs = clip_partial_mels(self.extracted, list(pairs.table["clip_id"]), self.preprocess)
+        return predict_clips(self.model, inputs)
+
+
+def split_predictions(model, pairs, spectrogram_power: float, ridge, speaker: SpeakerBaseline | None = None,
+                      voice_head: VoiceHeadModel | None = None) -> dict[str, np.ndarray]:
     """{"cnn": encoder features, "ridge": ridge on pooled log-mel, "ridge_ge2e": ridge on the
-    GE2E embedding} of ``pairs``' voices, checked."""
+    GE2E embedding, "ge2e_head": the voice head} of ``pairs``' voices, checked."""
     pooled = np.stack([evaluation.pooled_log_mel(pairs.spectrogram(i), spectrogram_power) for i in range(len(pairs))])
     predicted = {"cnn": evaluation.predict_features(model, pairs), "ridge": ridge.predict(pooled).astype(np.float32)}
     if speaker is not None:
         predicted["ridge_ge2e"] = speaker.ridge.predict(speaker.inputs(pairs)).astype(np.float32)
+    if voice_head is not None:
+        predicted["ge2e_head"] = voice_head.predict(pairs)
     for name, values in predicted.items():
         evaluation.check_predictions(values, pairs.table["clip_id"].to_numpy(), name)
     return predicted
 
 
 def evaluate_split(part: Pairs, model, ridge, spectrogram_power: float, config: EvaluateConfig,
-                   speaker: SpeakerBaseline | None = None) -> SplitResult:
-    predicted = split_predictions(model, part, spectrogram_power, ridge, speaker)
+                   speaker: SpeakerBaseline | None = None, voice_head: VoiceHeadModel | None = None) -> SplitResult:
+    predicted = split_predictions(model, part, spectrogram_power, ridge, speaker, voice_head)
     identities = part.table["identity"].to_numpy()
     names, gallery, true_index = evaluation.identity_gallery(identities, part.features)
     boot = ClusterBootstrap(identities, replicates=config.bootstrap, seed=config.seed)
@@ -235,10 +258,13 @@ def metrics_of(figures: RetrievalFigures, counts: dict, ridge_alpha: dict[str, f
         **flat_figures("", results["cnn"]["cosine"]["whole"]),
         **flat_figures("ridge_", results["ridge"]["cosine"]["whole"]),
         **(flat_figures("ridge_ge2e_", results["ridge_ge2e"]["cosine"]["whole"]) if "ridge_ge2e" in results else {}),
+        **(flat_figures("ge2e_head_", results["ge2e_head"]["cosine"]["whole"]) if "ge2e_head" in results else {}),
         **{f"chance_R@{k}": v for k, v in figures.chance.items()},
         **flat_figures("cnn_minus_ridge_", {k: d.as_dict() for k, d in compared["cnn - ridge"].items()}),
         **(flat_figures("val_", val_results["cnn"]["cosine"]["whole"]) if val_results else {}),
         **(flat_figures("val_ridge_", val_results["ridge"]["cosine"]["whole"]) if val_results else {}),
+        **{key: value for name in ("ridge_ge2e", "ge2e_head") if val_results and name in val_results
+           for key, value in flat_figures(f"val_{name}_", val_results[name]["cosine"]["whole"]).items()},
         **flat_figures("cnn_", {"": figures.similarity["cnn"]["cosine_angle_deg"]}, name="cosine_angle_deg"),
         **{key: value for name, figure in figures.matching.items()
            for key, value in flat_figures("" if name == "cnn" else f"{name}_", {"": figure}, "matching_1of2").items()},
@@ -312,9 +338,12 @@ def run_evaluate(config: EvaluateConfig, spectrogram_power: float, faces_config:
     ridge, ridge_alpha = evaluation.fit_ridge(pooled_train, train.features)
     # Baseline from a pretrained speaker backbone: ridge from the GE2E embedding (fit on train).
     speaker = SpeakerBaseline.fit(load_speaker_embeddings(paths.speaker_embeddings), train)
+    # The pretrained backbone with a head trained on the encoder's loss (train_voice_head).
+    voice_head = VoiceHeadModel.load(paths.voice_head, paths.extracted)
 
-    tested = evaluate_split(test, model, ridge, spectrogram_power, config, speaker)
-    validated = evaluate_split(val, model, ridge, spectrogram_power, config, speaker) if len(val) else None
+    tested = evaluate_split(test, model, ridge, spectrogram_power, config, speaker, voice_head)
+    validated = (evaluate_split(val, model, ridge, spectrogram_power, config, speaker, voice_head) if len(val)
+                 else None)
     figures = retrieval_figures(test, tested, validated)
     counts = {"test_queries": len(test), "test_identities": len(tested.gallery), "train_pairs": len(train),
               "val_queries": len(val), "val_identities": figures.val_identities}
@@ -340,8 +369,9 @@ def run_evaluate(config: EvaluateConfig, spectrogram_power: float, faces_config:
     line = ", ".join(f"R@{k} {evaluation.cell(whole[k])}% (ridge "
                      f"{100 * figures.results['ridge']['cosine']['whole'][k]['value']:.1f}%, "
                      f"chance {100 * figures.chance[k]:.1f}%)" for k in list(whole)[:3])
-    if "ridge_ge2e" in figures.results:
-        line += f"; ridge on GE2E R@1 {evaluation.cell(figures.results['ridge_ge2e']['cosine']['whole'][1])}%"
+    for name, label in (("ridge_ge2e", "ridge on GE2E"), ("ge2e_head", "GE2E + head")):
+        if name in figures.results:
+            line += f"; {label} R@1 {evaluation.cell(figures.results[name]['cosine']['whole'][1])}%"
     if figures.matching:
         line += f"; 1:2 matching {evaluation.cell(figures.matching['cnn'])}% (chance 50%)"
     print(f"evaluate: {len(test)} test voices, {len(tested.gallery)} identities: {line}; decoded faces: "

@@ -89,9 +89,11 @@ def pick_device(local_rank: int = 0) -> torch.device:
 
 # ------------------------------------------------------------------ optimiser, state
 
-def make_optimizer(model: torch.nn.Module, config: TrainingConfig):
-    optimizer = torch.optim.Adam(model.parameters(), lr=config.lr, betas=(config.beta1, config.beta2),
-                                 eps=config.eps)
+def make_optimizer(model: torch.nn.Module, config: TrainingConfig, parameter_groups: list[dict] | None = None):
+    """Adam over ``model.parameters()``, or over ``parameter_groups`` (torch's groups: a group's
+    own ``lr`` replaces ``config.lr``; the decay applies to every group)."""
+    optimizer = torch.optim.Adam(model.parameters() if parameter_groups is None else parameter_groups, lr=config.lr,
+                                 betas=(config.beta1, config.beta2), eps=config.eps)
     # x lr_decay every lr_decay_steps steps (a staircase, as in the paper)
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: config.lr_decay ** (step // config.lr_decay_steps))
@@ -131,11 +133,11 @@ def best_epoch(history: list[dict]) -> int:
 
 class TrainingLoop:
     def __init__(self, name: str, model: torch.nn.Module, config: TrainingConfig, checkpoint: Path,
-                 device: torch.device, is_main: bool = True):
+                 device: torch.device, is_main: bool = True, parameter_groups: list[dict] | None = None):
         self.name, self.model, self.config, self.device, self.is_main = name, model, config, device, is_main
         self.checkpoint = Path(checkpoint)
         self.best_path = self.checkpoint.with_name("best.pt")
-        self.optimizer, self.schedule = make_optimizer(model, config)
+        self.optimizer, self.schedule = make_optimizer(model, config, parameter_groups)
         self.start_epoch, self.step, self.history = 0, 0, []
         if is_main:   # a checkpoint half written when a run was killed
             remove_stale_temps(self.checkpoint.parent)
