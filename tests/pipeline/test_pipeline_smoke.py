@@ -161,7 +161,7 @@ def _mlflow_runs(project: Path):
 def test_mlflow_has_training_and_evaluation_runs(project: Path) -> None:
     client, experiment, runs = _mlflow_runs(project)
     stages = [r.data.tags.get("stage") for r in runs]
-    assert sorted(stages) == ["evaluate", "pipeline", "train_decoder", "train_encoder"]
+    assert sorted(stages) == ["evaluate", "pipeline", "train_decoder", "train_encoder", "train_voice_head"]
     # the experiment opens on the runs table in MLflow 3's UI, not on the GenAI overview
     assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
     pipeline = next(r for r in runs if r.data.tags["stage"] == "pipeline")
@@ -187,6 +187,11 @@ def test_mlflow_has_training_and_evaluation_runs(project: Path) -> None:
     assert len(history) == 2  # one point per epoch
     artifacts = {a.path for a in client.list_artifacts(training.info.run_id, "model")}
     assert artifacts == {"model/voice_encoder.pt", "model/voice_encoder.json"}
+    head_run = next(r for r in runs if r.data.tags["stage"] == "train_voice_head")
+    assert len(client.get_metric_history(head_run.info.run_id, "val_loss")) == 3    # tiny profile: 3 epochs
+    assert {a.path for a in client.list_artifacts(head_run.info.run_id, "model")} == {
+        "model/voice_head.pt", "model/voice_head.json"}
+    assert head_run.data.params["voice_head.freeze_backbone"] == "True"
     decoder_run = next(r for r in runs if r.data.tags["stage"] == "train_decoder")
     assert len(client.get_metric_history(decoder_run.info.run_id, "train_texture_l1")) == 2
     grids = {a.path for a in client.list_artifacts(decoder_run.info.run_id, "decoded_per_epoch")}

@@ -401,3 +401,23 @@ def test_regenerating_two_identities_gives_the_committed_rows(bases, good_rows):
                 [[r.youtube_id, *(f"{v:.6f}" for v in (r.start, r.end, r.x, r.y))] for r in committed]
             assert math.isclose(probe(video_path(video.youtube_id)).video_duration, video.duration,
                                 abs_tol=0.01)
+
+
+UNDETECTABLE_IDENTITY = 294    # of DEFAULT_SEED: a morph whose face HOG misses (met generating 600 identities)
+
+
+@needs_faces
+def test_an_undetectable_identity_stops_the_sample_but_is_left_out_of_a_large_corpus(bases, tmp_path):
+    """The embedded sample is strict (every face detectable, else the generator stops); a
+    large corpus (``--skip-undetectable``) leaves such an identity out: no rows, no video."""
+    from speech2face.sample_corpus import corpus
+    from speech2face.sample_corpus.video import NoDetectableFace
+
+    corpus._start_worker(DEFAULT_SEED, bases, str(tmp_path))
+    task = ("identity", UNDETECTABLE_IDENTITY, str(tmp_path))
+    with pytest.raises(NoDetectableFace, match="no HOG face"):
+        corpus._run_task((*task, True))
+    assert corpus._run_task((*task, False)) == ([], None)
+    assert not list(tmp_path.glob("*.mp4"))
+    rows, record = corpus._run_task(("identity", 1, str(tmp_path), False))   # a detectable one is kept
+    assert len(rows) == CLIPS_PER_IDENTITY and record.youtube_id == make_youtube_id(DEFAULT_SEED, 1)

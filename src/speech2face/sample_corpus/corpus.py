@@ -43,7 +43,7 @@ from speech2face.sample_corpus.portraits import BaseFace, Portrait, load_base_fa
 from speech2face.sample_corpus.scene import build_scene, draw_motion, face_boxes, make_landscape
 from speech2face.sample_corpus.speech import (AUDIO_RATE, INTERVIEWER_LINES, INTERVIEWER_VOICE, Segment, Soundtrack,
                                               build_soundtrack, choose_sentences, make_private_espeak, speak)
-from speech2face.sample_corpus.video import CsvRow, Video, write_video
+from speech2face.sample_corpus.video import CsvRow, NoDetectableFace, Video, write_video
 
 DEFAULT_SEED = 20190524          # Speech2Face's arXiv date; any fixed value works
 N_IDENTITIES = 90
@@ -228,25 +228,33 @@ def _start_worker(seed: int, bases: Sequence[BaseFace], scratch: str) -> None:
     _WORKER["builder"] = CorpusBuilder(seed, bases, espeak_root)
 
 
-def _run_task(task: tuple[str, int, str]) -> tuple[list[list[str]], IdentityRecord | None]:
-    """One identity's video and rows, or one bad row ("identity" or a BAD_KINDS kind)."""
-    kind, index, videos_dir = task
+def _run_task(task: tuple[str, int, str, bool]) -> tuple[list[list[str]], IdentityRecord | None]:
+    """One identity's video and rows, or one bad row ("identity" or a BAD_KINDS kind). With
+    ``strict`` off, an identity whose face the detector misses is dropped (no rows, no video)."""
+    kind, index, videos_dir, strict = task
     builder = _WORKER["builder"]
     if kind == "identity":
-        rows, record = build_identity(builder, index, Path(videos_dir))
+        try:
+            rows, record = build_identity(builder, index, Path(videos_dir))
+        except NoDetectableFace:
+            if strict:
+                raise
+            return [], None
         return [format_row(r) for r in rows], record
     return build_bad_row(builder, kind, index, Path(videos_dir)), None
 
 
 def generate(out_dir: str | Path, faces_dir: str | Path, seed: int = DEFAULT_SEED,
-             n_identities: int = N_IDENTITIES, workers: int = 2) -> dict:
+             n_identities: int = N_IDENTITIES, workers: int = 2, strict: bool = True) -> dict:
     """Write the whole corpus to ``out_dir``: videos/, avspeech_sample.csv, identities.csv
     (ground-truth latent and voice per identity), transcripts.csv and avspeech_sample_test.csv
     (the rows of the test identities, ``is_test_identity``).
 
     The videos folder is rebuilt from scratch so no stale video survives. Identities are
     built in parallel; every one draws from its own random streams, so the output does not
-    depend on ``workers``.
+    depend on ``workers``. ``strict`` (the embedded sample): every identity's face must be
+    detectable, else the run stops; off (a large corpus, where a rare morph defeats the HOG
+    detector): such an identity is left out and counted in ``dropped_identities``.
     """
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
@@ -261,8 +269,8 @@ def generate(out_dir: str | Path, faces_dir: str | Path, seed: int = DEFAULT_SEE
     if len(set(ids)) != len(ids):
         raise RuntimeError("youtube id collision; change the seed")
 
-    tasks = [("identity", i, str(videos_dir)) for i in range(n_identities)]
-    tasks += [(kind, BAD_INDEX_BASE + k, str(videos_dir)) for k, kind in enumerate(BAD_KINDS)]
+    tasks = [("identity", i, str(videos_dir), strict) for i in range(n_identities)]
+    tasks += [(kind, BAD_INDEX_BASE + k, str(videos_dir), strict) for k, kind in enumerate(BAD_KINDS)]
     bases = load_base_faces(faces_dir)
     with tempfile.TemporaryDirectory(prefix="s2f-sample-") as scratch:
         if workers > 1:
@@ -277,12 +285,14 @@ def generate(out_dir: str | Path, faces_dir: str | Path, seed: int = DEFAULT_SEE
     rows = [row for task_rows, _ in results for row in task_rows]
     records = [record for _, record in results if record is not None]
     write_csv(rows, out_dir / "avspeech_sample.csv")
-    write_csv([row for (kind, index, _), (task_rows, _) in zip(tasks, results)
+    write_csv([row for (kind, index, *_), (task_rows, _) in zip(tasks, results)
                if kind == "identity" and is_test_identity(index) for row in task_rows],
               out_dir / "avspeech_sample_test.csv")
     write_identities(records, out_dir / "identities.csv")
     write_transcripts(records, out_dir / "transcripts.csv")
     total_bytes = sum(p.stat().st_size for p in out_dir.rglob("*") if p.is_file())
     return {"identities": len(records), "rows": len(rows),
+            "dropped_identities": sum(1 for (kind, *_), (task_rows, _) in zip(tasks, results)
+                                      if kind == "identity" and not task_rows),
             "bad_rows": sum(len(r) for r, rec in results if rec is None),
             "total_bytes": total_bytes}

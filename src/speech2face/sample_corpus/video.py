@@ -67,6 +67,10 @@ def mux_video(frames: Iterator[np.ndarray], n_frames: int, audio: np.ndarray | N
             raise RuntimeError(f"ffmpeg failed on {path.name}: {stderr.strip()[-300:]}")
 
 
+class NoDetectableFace(RuntimeError):
+    """A rendered segment's face is not found by the HOG detector at its (x, y)."""
+
+
 @dataclass(frozen=True)
 class CsvRow:
     youtube_id: str
@@ -133,7 +137,7 @@ class Video:
             mid = (row.start + row.end) / 2
             xy = (row.x * FRAME_W - 0.5, row.y * FRAME_H - 0.5)
             if face_at(self.frame_at(mid), xy) is None:
-                raise RuntimeError(f"{self.youtube_id} @ {mid:.2f}s: no HOG face at {xy}")
+                raise NoDetectableFace(f"{self.youtube_id} @ {mid:.2f}s: no HOG face at {xy}")
 
 
 def write_video(video: Video, path: Path, with_audio: bool = True, faststart: bool = True) -> None:
