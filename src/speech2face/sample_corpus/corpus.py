@@ -30,7 +30,6 @@ from __future__ import annotations
 import csv
 import math
 import shutil
-import subprocess
 import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -231,14 +230,13 @@ def _start_worker(seed: int, bases: Sequence[BaseFace], scratch: str) -> None:
 
 def _run_task(task: tuple[str, int, str, bool]) -> tuple[list[list[str]], IdentityRecord | None]:
     """One identity's video and rows, or one bad row ("identity" or a BAD_KINDS kind). With
-    ``strict`` off, an identity whose face the detector misses or whose speech espeak-ng fails to
-    synthesise (a rare, unrepeatable failure met at 600 identities) is dropped (no rows, no video)."""
+    ``strict`` off, an identity whose face the detector misses is dropped (no rows, no video)."""
     kind, index, videos_dir, strict = task
     builder = _WORKER["builder"]
     if kind == "identity":
         try:
             rows, record = build_identity(builder, index, Path(videos_dir))
-        except (NoDetectableFace, subprocess.CalledProcessError):
+        except NoDetectableFace:
             if strict:
                 raise
             (Path(videos_dir) / f"{youtube_id(builder.seed, index)}.mp4").unlink(missing_ok=True)

@@ -165,13 +165,18 @@ def speak(text: str, voice: VoiceParams, espeak_root: Path, variant: str,
 
     if not re.fullmatch(r"[a-z0-9_]{1,32}", variant):
         raise ValueError(f"bad variant name {variant!r}")
-    (espeak_root / "espeak-ng-data" / "voices" / "!v" / variant).write_text(
-        espeak_variant_text(variant, voice))
+    variant_file = espeak_root / "espeak-ng-data" / "voices" / "!v" / variant
+    variant_file.write_text(espeak_variant_text(variant, voice))
     wav = espeak_root / f"{variant}.wav"
-    subprocess.run(["espeak-ng", f"--path={espeak_root}", "-v", f"{language}+{variant}",
-                    "-s", str(voice.speed_wpm), "-g", str(voice.word_gap), "-z",
-                    "-w", str(wav), "--stdin"],
-                   input=text, text=True, check=True, capture_output=True)
+    try:
+        subprocess.run(["espeak-ng", f"--path={espeak_root}", "-v", f"{language}+{variant}",
+                        "-s", str(voice.speed_wpm), "-g", str(voice.word_gap), "-z",
+                        "-w", str(wav), "--stdin"],
+                       input=text, text=True, check=True, capture_output=True)
+    finally:
+        # espeak-ng lists at most about 350 voice files: variants left behind made it fail
+        # after ~210 identities per worker (a corpus of 600 identities)
+        variant_file.unlink(missing_ok=True)
     rate, samples = wavfile.read(wav)
     wav.unlink()
     if rate != ESPEAK_RATE:
