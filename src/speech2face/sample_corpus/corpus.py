@@ -239,8 +239,7 @@ def _run_task(task: tuple[str, int, str, bool]) -> tuple[list[list[str]], Identi
         except NoDetectableFace:
             if strict:
                 raise
-            (Path(videos_dir) / f"{youtube_id(builder.seed, index)}.mp4").unlink(missing_ok=True)
-            return [], None
+            return [], None   # check_faces runs before the video is written: nothing to remove
         return [format_row(r) for r in rows], record
     return build_bad_row(builder, kind, index, Path(videos_dir)), None
 
