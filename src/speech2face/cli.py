@@ -151,10 +151,10 @@ def spectrogram_settings(encoder_path: Path) -> SpectrogramSettings:
 
 def load_models(encoder_path: Path, decoder_path: Path) -> tuple[VoiceEncoder, FaceDecoder, SpectrogramSettings]:
     """(encoder, decoder, spectrogram settings); ClickException with one line on any failure."""
-    from speech2face.core.model_files import ModelFileError, read_meta
+    from speech2face.core.model_files import ModelFileError
     from speech2face.models.encoder_io import load_encoder
     from speech2face.models.face_decoder import load_decoder
-    from speech2face.models.voice_head import is_voice_head, load_voice_head
+    from speech2face.models.voice_head import front_end_preprocess, is_voice_head, load_voice_head
     from speech2face.voice_to_face import VoiceHeadSettings
 
     # The files are the user's: anything can be wrong with them (missing, not a torch file,
@@ -167,9 +167,7 @@ def load_models(encoder_path: Path, decoder_path: Path) -> tuple[VoiceEncoder, F
         if decoder.in_dim != head.out_dim:
             raise click.ClickException(f"the voice head gives {head.out_dim}-D features, the face decoder takes "
                                        f"{decoder.in_dim}-D ones: they are not a pair")
-        front_end = read_meta(encoder_path).get("front_end")
-        preprocess = front_end.get("preprocess", True) if isinstance(front_end, dict) else True
-        return head, decoder, VoiceHeadSettings(preprocess=bool(preprocess))
+        return head, decoder, VoiceHeadSettings(preprocess=front_end_preprocess(encoder_path))
     try:
         encoder = load_encoder(encoder_path)
         decoder = load_decoder(decoder_path)

@@ -290,6 +290,24 @@ def test_stage_resumes(extract_dir, first_run, capsys) -> None:
     assert "4 reused" in capsys.readouterr().out
 
 
+
+def test_an_unreadable_extract_shard_is_reported_and_retried_later(extract_dir, first_run, tmp_path, capsys) -> None:
+    """A truncated extract shard is one recorded reason for its clips, not a crash of the stage."""
+    extract_copy = tmp_path / "extracted"
+    shutil.copytree(extract_dir, extract_copy)
+    whole = (extract_copy / "shard-00001.npz").read_bytes()
+    (extract_copy / "shard-00001.npz").write_bytes(whole[:1000])
+    out = tmp_path / "faces"
+    index = run_faces(extract_copy, out, _config())
+    shard1 = index[index["clip_id"].str.startswith(("obamaAAAAAA_00005000", "bidenCCCCCC", "junkJJJJJJJ"))]
+    assert list(shard1["reason"]) == ["unreadable_extract_shard"] * 3
+    assert (out / "shard-00000.csv").exists() and not (out / "shard-00001.csv").exists()   # not marked done
+    assert "unreadable_extract_shard: 3" in capsys.readouterr().out
+
+    (extract_copy / "shard-00001.npz").write_bytes(whole)   # repaired: only shard 1 is done now
+    pd.testing.assert_frame_equal(run_faces(extract_copy, out, _config()), first_run[1])
+    assert "4 reused" in capsys.readouterr().out.strip().splitlines()[-1]
+
 TEST_CSV = ("bidenBBBBBB,0,3,0.5,0.15\n"
             "bidenCCCCCC,0,3,0.5,0.3\n"
             "greyGGGGGGG,0,3,0.5,0.5\n"      # in the index, no usable face

@@ -15,6 +15,7 @@ Frames stay JPEG so clips of any frame size fit in one shard and shards stay sma
 from __future__ import annotations
 
 import io
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -101,6 +102,23 @@ def load_shard(path: str | Path) -> ExtractShard:
             _frame_offsets=z["frame_offsets"],
             _first_frame=first,
         )
+
+
+def open_for_clips(path: str | Path, clip_ids: list[str]) -> tuple[ExtractShard | None, str]:
+    """The extract shard at ``path`` if it holds exactly ``clip_ids``, else None and why (a
+    reason code for the reading stage's table: the shard is missing, unreadable or not the one
+    the extract table describes). The reading stages record the reason and write nothing for
+    the shard, so a later run retries it."""
+    path = Path(path)
+    if not path.exists():
+        return None, "missing_extract_shard"
+    try:
+        source = load_shard(path)
+    except (OSError, ValueError, KeyError, zipfile.BadZipFile):
+        return None, "unreadable_extract_shard"
+    if source.clip_ids != list(clip_ids):
+        return None, "extract_shard_mismatch"
+    return source, ""
 
 
 def downstream_shards(extract_dir: str | Path) -> list[Shard]:

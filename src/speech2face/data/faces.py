@@ -269,11 +269,11 @@ def faces_shard(shard: Shard, out_dir: Path, pool: WorkerPool | None, bar, extra
                              "reason": reason, "frames_examined": 0, "frames_with_face": 0,
                              "faces_in_frame": 0}, columns=TABLE_COLUMNS), timings
 
-    if clip_ids and not npz_path.exists():
-        return unwritten("missing_extract_shard")
-    source = extract_files.load_shard(npz_path) if clip_ids else None
-    if source is not None and source.clip_ids != clip_ids:
-        return unwritten("extract_shard_mismatch")
+    source = None
+    if clip_ids:
+        source, problem = extract_files.open_for_clips(npz_path, clip_ids)
+        if source is None:
+            return unwritten(problem)
 
     results: list[ClipFaces] = []
     if source is not None:

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import hashlib
 import sys
-import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
@@ -86,17 +85,10 @@ def embed_shard(shard: Shard, out_dir: Path, pool: None, bar, extract_dir: Path,
     """Embeddings of one extract shard -> its table; a shard whose input is missing or
     inconsistent is reported but not written, so a later run retries it."""
     npz_path, clip_ids = Path(extract_dir) / f"{shard.name}.npz", shard.clip_ids
-    if not npz_path.exists():
+    source, problem = extract_files.open_for_clips(npz_path, clip_ids)
+    if source is None:
         bar.update(len(clip_ids))
-        return _skipped_rows(clip_ids, "missing_extract_shard")
-    try:
-        source = extract_files.load_shard(npz_path)
-    except (OSError, ValueError, KeyError, zipfile.BadZipFile):
-        bar.update(len(clip_ids))
-        return _skipped_rows(clip_ids, "unreadable_extract_shard")
-    if source.clip_ids != clip_ids:
-        bar.update(len(clip_ids))
-        return _skipped_rows(clip_ids, "extract_shard_mismatch")
+        return _skipped_rows(clip_ids, problem)
     if len(source) and source.sample_rate != ge2e.SAMPLE_RATE:
         raise ParamsError(f"{npz_path} holds {source.sample_rate} Hz audio; GE2E needs {ge2e.SAMPLE_RATE} Hz: "
                           f"set extract.sample_rate to {ge2e.SAMPLE_RATE}")

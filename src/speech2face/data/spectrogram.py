@@ -9,7 +9,6 @@ threads; with the dask engine each shard is a task on the cluster (speech2face.c
 from __future__ import annotations
 
 import sys
-import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
@@ -74,17 +73,10 @@ def compute_shard(shard: Shard, out_dir: Path, pool: None, bar, extract_dir: Pat
     inconsistent is reported in the table returned but not written, so a later run retries it."""
     npz_path, clip_ids = Path(extract_dir) / f"{shard.name}.npz", shard.clip_ids
     settings, dtype, batch_size = config.settings(), np.dtype(config.dtype), config.batch_size
-    if not npz_path.exists():
+    source, problem = extract_files.open_for_clips(npz_path, clip_ids)
+    if source is None:
         bar.update(len(clip_ids))
-        return _skipped_rows(clip_ids, "missing_extract_shard")
-    try:
-        source = extract_files.load_shard(npz_path)
-    except (OSError, ValueError, KeyError, zipfile.BadZipFile):
-        bar.update(len(clip_ids))
-        return _skipped_rows(clip_ids, "unreadable_extract_shard")
-    if source.clip_ids != clip_ids:
-        bar.update(len(clip_ids))
-        return _skipped_rows(clip_ids, "extract_shard_mismatch")
+        return _skipped_rows(clip_ids, problem)
     if len(source) and source.sample_rate != settings.sample_rate:
         # Resampling is the extract stage's job: two sample rates mean inconsistent params.
         raise ParamsError(f"{npz_path} holds {source.sample_rate} Hz audio but spectrogram.sample_rate = "

@@ -22,7 +22,6 @@ import numpy as np
 from speech2face.core import tracking
 from speech2face.core.determinism import fix_threads
 from speech2face.core.errors import DataError
-from speech2face.core.model_files import read_meta
 from speech2face.core.params import setting
 from speech2face.core.paths import ProjectPaths
 from speech2face.core.pictures import face_grid
@@ -40,7 +39,7 @@ from speech2face.evaluation.decoded_faces import evaluate_decoded_faces
 from speech2face.evaluation.intervals import ClusterBootstrap, verdict
 from speech2face.models.encoder_io import load_encoder
 from speech2face.models.face_decoder import load_decoder
-from speech2face.models.voice_head import VoiceHead, load_voice_head, predict_clips
+from speech2face.models.voice_head import VoiceHead, front_end_preprocess, load_voice_head, predict_clips
 
 REPORT_FILES = ("metrics.json", "metrics_details.json", "summary.md", "recall_at_k.csv", "recall_at_k.png",
                 "retrieval_gallery.png", "decoded_faces.png")
@@ -179,8 +178,7 @@ class VoiceHeadModel:
 
     @classmethod
     def load(cls, path: Path, extracted: Path) -> "VoiceHeadModel":
-        meta = read_meta(path)
-        return cls(load_voice_head(path), extracted, bool(meta.get("front_end", {}).get("preprocess", True)))
+        return cls(load_voice_head(path), extracted, front_end_preprocess(path))
 
     def predict(self, pairs: Pairs) -> np.ndarray:
         inputs = clip_partial_mels(self.extracted, list(pairs.table["clip_id"]), self.preprocess)

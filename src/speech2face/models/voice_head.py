@@ -118,6 +118,13 @@ def is_voice_head(path: str | Path) -> bool:
         return False
 
 
+def front_end_preprocess(path: str | Path) -> bool:
+    """Whether the voice head at ``path`` was trained on preprocessed audio (its file's
+    ``front_end.preprocess``; true, GE2E's own way, where the file does not say)."""
+    front_end = read_meta(path).get("front_end")
+    return bool(front_end.get("preprocess", True)) if isinstance(front_end, dict) else True
+
+
 def load_voice_head(path: str | Path, device: str | torch.device = "cpu") -> VoiceHead:
     """``ModelFileError`` (one line) when the files are missing or unusable."""
     def build(meta: dict) -> VoiceHead:
