@@ -16,6 +16,10 @@ Two sources, each downloaded both ways into fresh temp folders:
 The baseline is ``download_rows(..., group_videos=False)``: every row its own job, so its
 own resolution, which is what the stage did per row before video jobs (its file:// path
 also copied the whole video per row first; that copy is gone from both runs here).
+
+Then the stage's probe (a video's length before cutting, each clip's length after): the
+ffprobe program, as the stage did before, against FFmpeg's libraries in this process
+(``speech2face.data.media.probe``), over the same clips, with the same answer required.
 """
 
 from __future__ import annotations
@@ -36,7 +40,10 @@ sys.path.insert(0, str(ROOT / "tests" / "data"))   # the tests' local media serv
 
 from media_server import make_test_video, serving  # noqa: E402
 
+import ffmpeg  # noqa: E402
+
 from speech2face.data.download import download_rows  # noqa: E402
+from speech2face.data.media import INPUT_OPTIONS, probe  # noqa: E402
 
 
 def _run(folder: Path, lines: list[str], template: str, root: Path, workers: int, grouped: bool) -> tuple[float, int]:
@@ -82,6 +89,23 @@ def bench_file(work: Path, videos: int, workers: int) -> list[dict]:
     return results
 
 
+def bench_probe(videos: int) -> tuple[int, float, float]:
+    """(files, seconds with the ffprobe program, seconds in process); the lengths must agree
+    to the millisecond (ffprobe prints container lengths rounded to it)."""
+    files = sorted((ROOT / "data/sample/videos").glob("*.mp4"))[:videos * 5]
+    files = [f for f in files if f.stat().st_size > 100_000]   # the sample's corrupt stand-ins are small
+    started = time.perf_counter()
+    by_program = [float(ffmpeg.probe(str(f), **INPUT_OPTIONS)["format"]["duration"]) for f in files]
+    program_seconds = time.perf_counter() - started
+    started = time.perf_counter()
+    in_process = [probe(f).duration for f in files]
+    process_seconds = time.perf_counter() - started
+    worst = max(abs(a - b) for a, b in zip(by_program, in_process))
+    if worst > 0.0015:
+        raise SystemExit(f"bench_download: the two probes disagree by {worst:.4f} s")
+    return len(files), program_seconds, process_seconds
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--videos", type=int, default=6)
@@ -101,6 +125,10 @@ def main() -> None:
         per_clip = f"{row['metadata_requests'] / row['clips']:.2f}" if row["metadata_requests"] is not None else "-"
         print(f"{row['source']:6} {row['mode']:9} {row['clips']:5d} {per_clip:>13} {rate:8.2f} "
               f"{rate / baseline[row['source']]:6.2f}")
+    files, program_seconds, process_seconds = bench_probe(args.videos)
+    print(f"probe: {1000 * program_seconds / files:.1f} ms per file with the ffprobe program, "
+          f"{1000 * process_seconds / files:.1f} ms in process ({files} videos): "
+          f"{program_seconds / process_seconds:.0f}x")
 
 
 if __name__ == "__main__":

@@ -41,15 +41,17 @@ fi
 # never installed. This machine's pip configuration names package folders that do not
 # exist; pip's warning about each is dropped, any other message is shown.
 #
-# uv installs the same pinned files as pip, several at once: 1 min 42 s -> about 30 s for a new
-# .venv here (benchmarks/bench_setup.py). uv does not read pip's configuration, so pip's
-# find-links folders (where this machine keeps its CPU build of torch) are passed on. Where uv
-# cannot be installed or fails, pip does the same work.
+# uv installs the same pinned files as pip, several at once (benchmarks/bench_setup.py). uv
+# does not read pip's configuration, so pip's find-links folders (where this machine keeps its
+# CPU build of torch) are passed on. --compile-bytecode writes the .pyc files at install, as
+# pip does: where PYTHONDONTWRITEBYTECODE is set (this machine) Python never caches them, and
+# without them every stage process compiles torch and mlflow afresh (about 10 s each).
+# Where uv cannot be installed or fails, pip does the same work.
 echo "setup: installing $(grep -c '==' requirements.lock) pinned packages from requirements.lock"
 quiet_pip() { "${PIP[@]}" "$@" 2> >(grep -v "^WARNING: Location '.*' is ignored" >&2); }
 install_with_uv() {
   quiet_pip install "uv==$UV_VERSION" || return 1
-  local uv_args=(--python .venv/bin/python --no-deps --quiet)
+  local uv_args=(--python .venv/bin/python --no-deps --quiet --compile-bytecode)
   local links
   links="${PIP_FIND_LINKS:-$(.venv/bin/python -m pip config get global.find-links 2>/dev/null || true)}"
   for link in $links; do [ -d "$link" ] && uv_args+=(--find-links "$link"); done
