@@ -61,6 +61,27 @@ def test_training_learns_and_resumes(tmp_path) -> None:
                               model(torch.from_numpy(pairs.spectrograms["s"][:2])), atol=1e-5)
 
 
+def test_checkpoints_are_written_at_most_every_checkpoint_seconds(tmp_path) -> None:
+    """Epochs shorter than checkpoint_seconds: one checkpoint, after the last epoch, holding
+    the best epoch's weights; the weights are those of a run that checkpoints every epoch."""
+    pairs = synthetic_pairs()
+    loss = EncoderLoss(lambda1=0.025, feature_l1_weight=1.0)
+    every, every_history = train_encoder(config(epochs=3, checkpoint_seconds=0), pairs.subset("train"),
+                                         pairs.subset("val"), tmp_path / "every" / "last.pt", loss)
+    checkpoint = tmp_path / "rare" / "last.pt"
+    seen = []
+    rare, rare_history = train_encoder(config(epochs=3, checkpoint_seconds=3600), pairs.subset("train"),
+                                       pairs.subset("val"), checkpoint, loss,
+                                       on_epoch=lambda row: seen.append((checkpoint.exists(),
+                                                                         checkpoint.with_name("best.pt").exists())))
+    assert seen == [(False, False), (False, False), (True, True)]
+    assert torch.load(checkpoint, weights_only=True)["epoch"].item() == 3
+    assert [h["val_loss"] for h in rare_history] == [h["val_loss"] for h in every_history]
+    best = torch.load(checkpoint.with_name("best.pt"), weights_only=True)
+    assert all(torch.equal(best[k], v) for k, v in every.state_dict().items())
+    assert all(torch.equal(rare.state_dict()[k], v) for k, v in every.state_dict().items())
+
+
 def test_nan_loss_stops_with_clear_error(tmp_path) -> None:
     pairs = synthetic_pairs()
     pairs.features[0] = np.nan
@@ -107,7 +128,7 @@ from test_encoder_training import config, synthetic_pairs
 from speech2face.models.losses import EncoderLoss
 from speech2face.training.encoder import train_encoder
 pairs = synthetic_pairs()
-train_encoder(config(epochs=6), pairs.subset("train"), pairs.subset("val"), Path(sys.argv[2]),
+train_encoder(config(epochs=6, checkpoint_seconds=0), pairs.subset("train"), pairs.subset("val"), Path(sys.argv[2]),
               EncoderLoss(lambda1=0.025, feature_l1_weight=1.0))
 """
 
