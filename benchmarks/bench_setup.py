@@ -8,7 +8,13 @@ empty download cache (a temp folder per run for pip's and for uv's), the same lo
 ``--no-deps`` install of every pinned package plus the project in editable mode. Both take
 torch from pip's find-links folders (this machine's CPU build). Prints the seconds of each
 and their ratio, and checks that both environments hold the same packages at the same
-versions. Needs the registries (PyPI); takes about 3 minutes on 2 cores.
+versions.
+
+Then the cost each later process pays: ``import torch, mlflow`` in a new process of each
+environment with ``PYTHONDONTWRITEBYTECODE=1`` (set on this machine: Python then never
+caches the bytecode it compiles). pip writes the .pyc files at install; uv only when asked
+(``--compile-bytecode``, as setup.sh does), and a third install without it shows why. Needs
+the registries (PyPI); takes about 4 minutes on 2 cores.
 """
 
 from __future__ import annotations
@@ -51,12 +57,13 @@ def install_with_pip(venv: Path, cache: Path) -> None:
     run(*pip, "install", "--no-deps", "-e", ".")
 
 
-def install_with_uv(venv: Path, cache: Path) -> None:
+def install_with_uv(venv: Path, cache: Path, compile_bytecode: bool = True) -> None:
     env = {**os.environ, "UV_CACHE_DIR": str(cache)}
     pip = [venv / "bin" / "python", "-m", "pip", "--disable-pip-version-check", "-q", "--cache-dir", cache]
     run(*pip, "install", f"uv=={UV_VERSION}")     # part of the cost: a fresh machine pays it too
     links = [arg for link in find_links() for arg in ("--find-links", link)]
-    uv = [venv / "bin" / "uv", "pip", "install", "--python", venv / "bin" / "python", "--no-deps", "--quiet", *links]
+    uv = [venv / "bin" / "uv", "pip", "install", "--python", venv / "bin" / "python", "--no-deps", "--quiet", *links,
+          *(["--compile-bytecode"] if compile_bytecode else [])]
     run(*uv, "-r", "requirements.lock", env=env)
     run(*uv, "--no-build-isolation", "-e", ".", env=env)
 
@@ -69,7 +76,19 @@ def timed_install(install, work: Path, name: str) -> tuple[float, set[str]]:
     started = time.perf_counter()
     install(venv, cache)
     seconds = time.perf_counter() - started
-    return seconds, freeze(venv)
+    return seconds, freeze(venv), import_seconds(venv)
+
+
+def import_seconds(venv: Path) -> float:
+    """A new process's ``import torch, mlflow``, as every stage starts (best of 2)."""
+    env = {**os.environ, "PYTHONDONTWRITEBYTECODE": "1"}
+    times = []
+    for _ in range(2):
+        started = time.perf_counter()
+        subprocess.run([str(venv / "bin" / "python"), "-c", "import torch, mlflow"], check=True, env=env,
+                       capture_output=True)
+        times.append(time.perf_counter() - started)
+    return min(times)
 
 
 def main() -> None:
@@ -77,22 +96,31 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=1)
     args = parser.parse_args()
     load = os.getloadavg()[0]
-    pip_times, uv_times = [], []
+    installers = {"pip (baseline)": install_with_pip, f"uv {UV_VERSION} (setup.sh)": install_with_uv,
+                  f"uv {UV_VERSION}, no .pyc": lambda venv, cache: install_with_uv(venv, cache, False)}
+    installs: dict[str, list[float]] = {name: [] for name in installers}
+    imports: dict[str, list[float]] = {name: [] for name in installers}
     with tempfile.TemporaryDirectory(prefix="bench_setup_") as tmp:
         work = Path(tmp)
         for _ in range(args.repeats):
-            seconds, pip_packages = timed_install(install_with_pip, work, "pip")
-            pip_times.append(seconds)
-            seconds, uv_packages = timed_install(install_with_uv, work, "uv")
-            uv_times.append(seconds)
-            if pip_packages != uv_packages:
-                sys.exit(f"bench_setup: the two environments differ: pip only {sorted(pip_packages - uv_packages)}, "
-                         f"uv only {sorted(uv_packages - pip_packages)}")
-    pip_best, uv_best = min(pip_times), min(uv_times)
-    print(f"bench_setup: {len(pip_packages)} packages from requirements.lock + the project, new venv, empty caches "
-          f"(load {load:.1f} at the start)")
-    print(f"  pip (baseline)        {pip_best:6.1f} s")
-    print(f"  uv {UV_VERSION} (setup.sh)  {uv_best:6.1f} s   {pip_best / uv_best:.1f}x faster; same packages and versions")
+            packages = {}
+            for index, (name, install) in enumerate(installers.items()):
+                seconds, packages[name], imported = timed_install(install, work, str(index))
+                installs[name].append(seconds)
+                imports[name].append(imported)
+            baseline = packages["pip (baseline)"]
+            for name, found in packages.items():
+                if found != baseline:
+                    sys.exit(f"bench_setup: {name} differs from pip: pip only {sorted(baseline - found)}, "
+                             f"{name} only {sorted(found - baseline)}")
+    print(f"bench_setup: {len(baseline)} packages from requirements.lock + the project, new venv, empty caches "
+          f"(load {load:.1f} at the start); the same packages and versions from each")
+    pip_install, pip_import = min(installs["pip (baseline)"]), min(imports["pip (baseline)"])
+    print(f"  {'installer':24} {'install':>8} {'ratio':>6}   import torch, mlflow in a new process")
+    for name in installers:
+        install, imported = min(installs[name]), min(imports[name])
+        print(f"  {name:24} {install:7.1f}s {pip_install / install:5.1f}x   {imported:5.1f} s "
+              f"({imported / pip_import:.1f}x pip's)")
 
 
 if __name__ == "__main__":

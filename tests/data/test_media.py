@@ -27,9 +27,22 @@ def _ffmpeg(*args: str) -> None:
     subprocess.run(["ffmpeg", "-v", "error", "-y", *args], check=True)
 
 
+def ffprobe_info(path: Path) -> media.ProbeInfo:
+    """What the ffprobe program reports, read as ``media.probe`` did when it ran the program."""
+    info = ffmpeg.probe(str(path))
+    streams = info.get("streams", [])
+    video = next((s for s in streams if s.get("codec_type") == "video"), None)
+    duration = float(info["format"]["duration"])
+    video_duration = float(video["duration"]) if video and video.get("duration") else duration
+    return media.ProbeInfo(duration=duration, video_duration=min(video_duration, duration),
+                           has_audio=any(s.get("codec_type") == "audio" for s in streams), has_video=video is not None,
+                           width=int(video.get("width", 0)) if video else 0,
+                           height=int(video.get("height", 0)) if video else 0)
+
+
 def reference_decode(path: Path, n_frames: int, sample_rate: int, max_side: int):
-    """The ffmpeg command line: probe, then audio to a raw file and selected frames to a pipe."""
-    info = media.probe(path)
+    """The ffmpeg command line: ffprobe, then audio to a raw file and selected frames to a pipe."""
+    info = ffprobe_info(path)
     width, height = media.scaled_size(info.width, info.height, max_side)
     slice_seconds = info.video_duration / n_frames
     targets = [(k + 0.5) * slice_seconds for k in range(n_frames)]
@@ -59,6 +72,25 @@ def assert_same_decode(path: Path, n_frames: int, sample_rate: int = 16000, max_
     for got, want in zip(frames, want_frames):
         assert got.shape == want.shape and got.dtype == np.uint8
         assert np.abs(got.astype(np.int16) - want).max() <= frame_tolerance
+
+
+@pytest.mark.skipif(not SAMPLE_VIDEOS.is_dir(), reason="sample corpus absent")
+def test_probe_in_process_matches_the_ffprobe_program(tmp_path: Path) -> None:
+    """``media.probe`` reads the header in process; ffprobe prints lengths to the microsecond,
+    and the lengths of a clip cut the download stage's way may differ by its rounding."""
+    videos = sorted(p for p in SAMPLE_VIDEOS.glob("*.mp4") if p.stat().st_size > 100_000)[:6]
+    _ffmpeg("-ss", "1", "-i", str(videos[0]), "-t", "3.3", "-c:v", "libx264", "-c:a", "aac", str(tmp_path / "cut.mp4"))
+    _ffmpeg("-i", str(videos[0]), "-an", "-c:v", "copy", str(tmp_path / "silent.mp4"))
+    files = [*videos, *sorted(CREMAD.glob("*.flv"))[:2], tmp_path / "cut.mp4", tmp_path / "silent.mp4"]
+    for path in files:
+        got, want = media.probe(path), ffprobe_info(path)
+        assert (got.has_audio, got.has_video, got.width, got.height) == \
+               (want.has_audio, want.has_video, want.width, want.height), path
+        assert abs(got.duration - want.duration) <= 0.0015 and abs(got.video_duration - want.video_duration) <= 0.0015
+    assert not media.probe(tmp_path / "silent.mp4").has_audio
+    (tmp_path / "noise.mp4").write_bytes(np.random.default_rng(0).bytes(4096))
+    with pytest.raises(MediaError, match="^undecodable: Invalid data found when processing input$"):
+        media.probe(tmp_path / "noise.mp4")
 
 
 def test_sample_mp4_clips_match_the_ffmpeg_program(tmp_path: Path) -> None:
