@@ -83,3 +83,29 @@ def test_retrieval_hits_normalise_before_l1_and_l2() -> None:
     for metric in retrieval.METRICS:
         assert np.array_equal(a[metric]["rank"], b[metric]["rank"]), metric
     assert np.array_equal(a["l2"]["rank"], a["cosine"]["rank"])  # unit vectors: L2 orders as cosine
+
+
+def test_paper_protocol_figures_only_where_the_test_split_is_large_enough() -> None:
+    """The flat paper_R@K keys of metrics.json are the mean over queries of the random
+    100-identity galleries' hits (the point estimate; the bootstrap gives the interval)."""
+    from speech2face.evaluation.evaluate import paper_protocol_figures
+
+    rng = np.random.default_rng(5)
+    identities = np.repeat(np.arange(120), 3)
+    gallery = rng.normal(size=(120, 16))
+    queries = gallery[identities] + rng.normal(scale=1.5, size=(360, 16))
+    boot = ClusterBootstrap(identities, replicates=200, seed=0)
+    hits = {"cnn": evaluation.retrieval_hits(queries, gallery, identities, draws=3),
+            "ridge": evaluation.retrieval_hits(rng.normal(size=(360, 16)), gallery, identities, draws=3)}
+    figures = paper_protocol_figures({name: evaluation.with_intervals(h, boot) for name, h in hits.items()})
+    assert set(figures) == {f"{prefix}paper_R@{k}{end}" for prefix in ("", "ridge_") for k in (1, 2, 5, 10)
+                            for end in ("", "_low", "_high")}
+    for prefix, name in (("", "cnn"), ("ridge_", "ridge")):
+        for k in (1, 2, 5, 10):
+            assert figures[f"{prefix}paper_R@{k}"] == pytest.approx(hits[name]["cosine"]["sampled"][k].mean(), abs=1e-6)
+            assert figures[f"{prefix}paper_R@{k}_low"] <= figures[f"{prefix}paper_R@{k}"] <= \
+                figures[f"{prefix}paper_R@{k}_high"]
+    assert figures["paper_R@1"] > 0.2 and abs(figures["ridge_paper_R@10"] - 0.10) < 0.05   # signal vs chance
+    small = {"cnn": evaluation.retrieval_hits(queries[:90], gallery[:30], identities[:90] % 30)}
+    small_boot = ClusterBootstrap(identities[:90] % 30, replicates=200, seed=0)
+    assert paper_protocol_figures({"cnn": evaluation.with_intervals(small["cnn"], small_boot)}) == {}   # 30 < 100

@@ -52,9 +52,12 @@ def _with_interval(*names: str) -> tuple[str, ...]:
 # The figures a reader compares experiments on, each with its 95 % interval: the voice
 # encoder's R@1/5/10, the ridge baselines', the GE2E voice head's, chance, the validation R@1
 # (what choices are made on), 1:2 matching (feature and image level), and the decoded faces
-# (image-level R@1, share detected as faces).
-HEADLINE = (_with_interval("R@1", "R@5", "R@10", "ridge_R@1", "ridge_R@5", "ridge_R@10", "ridge_ge2e_R@1",
-                           "ridge_ge2e_R@5", "ge2e_head_R@1", "ge2e_head_R@5", "val_R@1", "val_ge2e_head_R@1",
+# (image-level R@1, share detected as faces). Where the test split has enough identities,
+# the paper's protocol too (``paper_R@K``: random galleries of ``sampled_gallery_size``
+# identities, the paper's R@1/2/5/10).
+HEADLINE = (_with_interval("R@1", "R@5", "R@10", "paper_R@1", "paper_R@2", "paper_R@5", "paper_R@10",
+                           "ridge_R@1", "ridge_R@5", "ridge_R@10", "ridge_ge2e_R@1", "ridge_ge2e_R@5",
+                           "ge2e_head_R@1", "ge2e_head_R@5", "ge2e_head_paper_R@1", "val_R@1", "val_ge2e_head_R@1",
                            "image_R@1", "matching_1of2", "ridge_matching_1of2", "ridge_ge2e_matching_1of2",
                            "ge2e_head_matching_1of2", "image_matching_1of2")
             + ("chance_R@1", "chance_R@5", "chance_R@10", "voice_decoded_detected", "test_queries",
@@ -248,6 +251,15 @@ def retrieval_figures(test: Pairs, tested: SplitResult, validated: SplitResult |
                             compared, similarity, matching, matching_vs_chance, val_matching)
 
 
+def paper_protocol_figures(results: dict) -> dict[str, float]:
+    """``paper_R@1``... (the encoder), ``<model>_paper_R@1``... (the others): the paper's
+    R@1/2/5/10 in random galleries (cosine), for every model that has them (the test split
+    had ``sampled_gallery_size`` identities or more); nothing otherwise."""
+    return {key: value for name, result in results.items() if result["cosine"]["sampled"]
+            for key, value in flat_figures("paper_" if name == "cnn" else f"{name}_paper_",
+                                           {k: result["cosine"]["sampled"][k] for k in (1, 2, 5, 10)}).items()}
+
+
 def metrics_of(figures: RetrievalFigures, counts: dict, ridge_alpha: dict[str, float],
                config: EvaluateConfig) -> dict:
     """metrics.json's retrieval part: flat keys with _low/_high for `dvc metrics`, then details."""
@@ -258,6 +270,7 @@ def metrics_of(figures: RetrievalFigures, counts: dict, ridge_alpha: dict[str, f
         **(flat_figures("ridge_ge2e_", results["ridge_ge2e"]["cosine"]["whole"]) if "ridge_ge2e" in results else {}),
         **(flat_figures("ge2e_head_", results["ge2e_head"]["cosine"]["whole"]) if "ge2e_head" in results else {}),
         **{f"chance_R@{k}": v for k, v in figures.chance.items()},
+        **paper_protocol_figures(results),
         **flat_figures("cnn_minus_ridge_", {k: d.as_dict() for k, d in compared["cnn - ridge"].items()}),
         **(flat_figures("val_", val_results["cnn"]["cosine"]["whole"]) if val_results else {}),
         **(flat_figures("val_ridge_", val_results["ridge"]["cosine"]["whole"]) if val_results else {}),
