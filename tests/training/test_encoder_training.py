@@ -76,6 +76,7 @@ def test_checkpoints_are_written_at_most_every_checkpoint_seconds(tmp_path) -> N
                                                                          checkpoint.with_name("best.pt").exists())))
     assert seen == [(False, False), (False, False), (True, True)]
     assert torch.load(checkpoint, weights_only=True)["epoch"].item() == 3
+    assert best_epoch(rare_history) < 3   # the kept weights were held in memory for an epoch, not the last ones
     assert [h["val_loss"] for h in rare_history] == [h["val_loss"] for h in every_history]
     best = torch.load(checkpoint.with_name("best.pt"), weights_only=True)
     assert all(torch.equal(best[k], v) for k, v in every.state_dict().items())
